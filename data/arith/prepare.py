@@ -1,0 +1,172 @@
+"""
+Write the synthetic data set and its tokenizer into data/arith/.
+
+    python data/arith/prepare.py            # 20,000-record pool, ~10 s
+    python data/arith/prepare.py --smoke    # a tiny set for tests
+
+Files (same seed, same bytes):
+    pool.jsonl          distilled trajectory-response records of mixed quality (DESIGN §3 schema)
+    prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
+    rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
+    test.jsonl          held-out test questions, disjoint from everything above
+    facts.txt           single-operation facts, the stand-in for a pretrained base model
+    tokenizer.tiktoken  byte-level BPE ranks in tiktoken's file format (digits one per token)
+"""
+
+import collections
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import base64
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import task  # noqa: E402
+from rfprm import SPLIT_PATTERN, load_tokenizer, parse_config  # noqa: E402
+
+
+@dataclass
+class PrepareConfig:
+    out_dir: str = HERE
+    seed: int = 1337
+    n_pool: int = 20000
+    n_prm_eval: int = 2000
+    n_rl: int = 2000
+    n_test: int = 1000
+    n_facts: int = 100000
+    vocab_size: int = 512      # byte-level: 256 bytes + merges + 3 special tokens
+    smoke: bool = False
+
+
+SMOKE = dict(n_pool=300, n_prm_eval=100, n_rl=50, n_test=50, n_facts=2000)
+
+
+# ----------------------------------------------------------------------------
+# byte-level BPE, trained on counts of pre-split pieces (as minbpe does, but on counts)
+
+def train_bpe(text, vocab_size, pattern=SPLIT_PATTERN):
+    """Return tiktoken mergeable ranks {token bytes: rank} with vocab_size - 3 entries at most.
+
+    The pattern splits text into pieces first (one digit per piece), so no merge ever
+    crosses a piece boundary: digits stay one per token.
+
+    >>> ranks = train_bpe("aaab aaab", 261)  # room for 2 merges
+    >>> sorted(t for t, r in ranks.items() if r >= 256)
+    [b'aa', b'aaa']
+    """
+    pieces = collections.Counter(re.findall(pattern, text))
+    words = {tuple(bytes([b]) for b in p.encode("utf-8")): n for p, n in pieces.items()}
+    ranks = {bytes([i]): i for i in range(256)}
+    n_merges = vocab_size - 256 - 3  # room for the special tokens
+    for _ in range(n_merges):
+        pairs = collections.Counter()
+        for w, n in words.items():
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] += n
+        if not pairs:
+            break  # every piece is a single token already
+        # most frequent pair; ties broken by the bytes themselves, so the result is deterministic
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        ranks[a + b] = len(ranks)
+        words = {merge_pair(w, a, b): n for w, n in words.items()}
+    return ranks
+
+
+def merge_pair(word, a, b):
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+            out.append(a + b)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------
+# writing files atomically
+
+def write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def make_questions(rng, wcfg, n, seen, start_id):
+    rows = []
+    while len(rows) < n:
+        q, a, steps = task.make_question(rng, wcfg)
+        if q not in seen:
+            seen.add(q)
+            rows.append({"id": start_id + len(rows), "question": q, "answer": a, "n_ops": len(steps)})
+    return rows
+
+
+def prepare(cfg, wcfg=None):
+    """Make every file; return a summary dict."""
+    wcfg = wcfg or task.WorldConfig()
+    rng = random.Random(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    # held-out test questions first, so that nothing else may reuse them
+    seen = set()
+    test = make_questions(rng, wcfg, cfg.n_test, seen, 0)
+    rl = make_questions(rng, wcfg, cfg.n_rl, seen, 0)
+    records = []
+    while len(records) < cfg.n_pool + cfg.n_prm_eval:
+        r = task.make_record(rng, wcfg, len(records))
+        if r["question"] not in seen:
+            records.append(r)
+    pool, prm_eval = records[:cfg.n_pool], records[cfg.n_pool:]
+    facts = task.fact_lines(rng, wcfg, cfg.n_facts)
+
+    # the tokenizer is trained on everything the models will read
+    corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
+                        for r in pool[:5000]] + facts[:5000])
+    corpus += "\nPlan: 5 - 2 ; 4 * #1 ; 3 + #2\n"
+    ranks = train_bpe(corpus, cfg.vocab_size)
+    rank_file = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+    write_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
+    write_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
+    write_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
+    write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
+    write_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
+    write_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
+    return {"pool": pool, "test": test}
+
+
+def print_summary(pool, test, out_dir):
+    enc = load_tokenizer(os.path.join(out_dir, "tokenizer.tiktoken"))
+    flaws = collections.Counter(r["meta"]["flaw"] for r in pool)
+    print(f"pool: {len(pool)} records")
+    print(f"  {'flaw type':<16}{'count':>7}{'share':>8}")
+    for f in task.FLAWS:
+        print(f"  {f:<16}{flaws[f]:>7}{flaws[f] / len(pool):>8.1%}")
+    lens = [len(enc.encode_ordinary("Q: " + r["question"] + "\n" + "\n".join(r["thinking"] + r["response"])))
+            for r in pool]
+    q = statistics.quantiles(lens, n=100)
+    print(f"tokens per record: mean {statistics.mean(lens):.0f}, p50 {q[49]:.0f}, p99 {q[98]:.0f}, max {max(lens)}")
+    ops = collections.Counter(r["n_ops"] for r in test)
+    print(f"test: {len(test)} questions by operations: {dict(sorted(ops.items()))}")
+    print(f"vocabulary: {enc.n_vocab} tokens (with 3 special), written to {out_dir}")
+
+
+def main(argv=None):
+    cfg = parse_config(PrepareConfig, argv, {"smoke": SMOKE}, __doc__)
+    out = prepare(cfg)
+    print_summary(out["pool"], out["test"], cfg.out_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,362 @@
+"""
+Supervised fine-tuning of a policy LM on trajectory-response data ("downstream training").
+
+    python sft.py --pretrain --out_dir=out/base                      # base model: arithmetic facts
+    python sft.py --init=out/base/ckpt.pt --out_dir=out/policy      # policy: the distilled pool
+    python sft.py --init=out/base/ckpt.pt --subset=clean --out_dir=out/sft_clean
+    torchrun --nproc_per_node=2 sft.py --init=out/base/ckpt.pt      # DDP (gloo on CPU)
+
+Prompt = question; completion = thinking + response; the loss is on completion tokens
+only. A share of the examples is template-conditioned (question + the expert's plan ->
+a response that follows the plan literally, right or wrong), so that the trajectory-level
+reward of train_prm.py has a policy to instruct. The base model is pretrained once on
+single-operation facts (the stand-in for a pretrained LLM), and the policy and every later
+student start from it, so distilled data teaches reasoning rather than arithmetic from zero.
+
+Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
+by number of operations. Other scripts call `train_policy(records, cfg)` to train a
+student under a fixed budget and `evaluate(...)` to score it.
+
+`--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
+of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
+"""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn.functional as F
+
+import task
+from rfprm import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size,
+                   encode_prompt, encode_completion, split_completion, left_pad,
+                   save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
+                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic,
+                   init_distributed, all_reduce_sum, format_eta)
+
+
+@dataclass
+class SFTConfig:
+    out_dir: str = "out/policy"
+    data: str = "data/arith/pool.jsonl"
+    subset: str = "all"            # all | clean (clean reads hidden meta: a demonstration only)
+    pretrain: bool = False         # train the base model on `facts` instead of SFT on `data`
+    facts: str = "data/arith/facts.txt"
+    test: str = "data/arith/test.jsonl"
+    init: str = ""                 # start from this checkpoint (normally out/base/ckpt.pt)
+    tokenizer: str = DEFAULT_VOCAB
+    # model, when not starting from --init
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    # optimisation
+    max_steps: int = 1500
+    batch_size: int = 32           # global batch, split over DDP ranks
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    template_frac: float = 0.25    # share of examples that are template-conditioned
+    seed: int = 1337
+    # evaluation, logging, checkpoints
+    eval_questions: int = 500      # 0 = skip evaluation
+    sample_temperature: float = 1.0
+    log_every: int = 50
+    ckpt_every: int = 250
+    resume: bool = False
+    device: str = ""
+    compile: bool = False
+    smoke: bool = False
+
+
+SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_questions=16,
+             log_every=5, ckpt_every=10, warmup_steps=5)
+
+
+# ----------------------------------------------------------------------------
+# data: token ids built once, batches are index selects
+
+def build_examples(records, tok, template_frac=0.0, seed=0):
+    """(prompt ids, completion ids) for each record, plus template-conditioned examples.
+
+    A template-conditioned example is: question + template(thinking) -> the response that
+    follows that template literally (task.follow_template), right or wrong.
+    """
+    examples = [(encode_prompt(tok, r["question"]), encode_completion(tok, r["thinking"], r["response"]))
+                for r in records]
+    rng = random.Random(seed)
+    n_tmpl = round(template_frac / max(1e-9, 1 - template_frac) * len(records)) if template_frac > 0 else 0
+    for r in rng.sample(records, min(n_tmpl, len(records))):
+        plan = task.template(r["thinking"])
+        followed = task.follow_template(plan) if plan else None
+        if followed:
+            examples.append((encode_prompt(tok, r["question"], plan), encode_completion(tok, None, followed)))
+    return examples
+
+
+def pack(examples, block_size, pad_id):
+    """Right-pad examples into X, Y of shape (N, L): Y = next token, -1 on prompt and padding.
+
+    The loss mask is by position, not by token id: the completion's own <|endoftext|> is
+    a target (pad = eot would otherwise mask it and the model would never learn to stop).
+    """
+    L = min(block_size, max(len(p) + len(c) for p, c in examples))
+    X = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    Y = torch.full((len(examples), L), -1, dtype=torch.long)
+    n_cut = 0
+    for i, (p, c) in enumerate(examples):  # once, before training
+        seq = (p + c)[:L + 1]
+        n_cut += len(p) + len(c) > L + 1
+        x, y = seq[:-1], seq[1:]
+        X[i, :len(x)] = torch.tensor(x)
+        Y[i, :len(y)] = torch.tensor(y)
+        Y[i, :max(0, len(p) - 1)] = -1  # no loss on predicting the prompt
+    if n_cut:
+        print(f"warning: {n_cut} of {len(examples)} examples truncated to block_size={block_size}")
+    return X, Y
+
+
+def fact_examples(path, tok, block_size):
+    """Facts packed into rows of about block_size tokens, every token a target."""
+    with open(path) as f:
+        lines = [l.strip() for l in f if l.strip()]
+    ids = tok.enc.encode_ordinary("\n".join(lines) + "\n")
+    step = block_size  # rows of block_size + 1 tokens, overlapping by one
+    return [([], ids[i:i + step + 1]) for i in range(0, len(ids) - step, step)]
+
+
+def select_subset(records, subset):
+    if subset == "all":
+        return records
+    if subset == "clean":
+        return [r for r in records if r.get("meta", {}).get("flaw") == "clean"]
+    raise ValueError(f"--subset must be 'all' or 'clean', got {subset!r}")
+
+
+# ----------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=None,
+                         batch_size=256, generator=None, top_k=None):
+    """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        idx, mask = left_pad(chunk, tok.eot, device)
+        new = min(max_new_tokens or block, block - idx.size(1))
+        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
+                              prompt_mask=mask, generator=generator)
+        outs.extend(seqs[:, idx.size(1):].tolist())
+    return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
+
+
+def evaluate(model, tok, questions, temperature=0.0, generator=None):
+    """Accuracy of the policy on questions [{question, answer, n_ops}], overall and by n_ops."""
+    prompts = [encode_prompt(tok, q["question"]) for q in questions]
+    comps = generate_completions(model, tok, prompts, temperature=temperature, generator=generator)
+    correct = [task.verify(split_completion(tok, c)[1], q["answer"]) for c, q in zip(comps, questions)]
+    by_ops = {}
+    for q, ok in zip(questions, correct):
+        by_ops.setdefault(q["n_ops"], []).append(ok)
+    return {"acc": sum(correct) / max(1, len(correct)),
+            "by_ops": {k: sum(v) / len(v) for k, v in sorted(by_ops.items())},
+            "n": len(correct)}
+
+
+def format_accuracy(name, res):
+    ops = "  ".join(f"{k} ops {v:6.1%}" for k, v in res["by_ops"].items())
+    return f"{name:<22} {res['acc']:6.1%}   {ops}"
+
+
+# ----------------------------------------------------------------------------
+# training
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / cfg.warmup_steps
+    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, ratio))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; weight decay on matrices only (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def length_order(Y):
+    """Example indices sorted by length (last target position), ties kept in order."""
+    pos = torch.arange(Y.size(1)).expand_as(Y)
+    return torch.argsort(torch.where(Y != -1, pos, -1).max(1).values, stable=True)
+
+
+def batch_indices(step, order, batch_size, seed, rank=0, world=1):
+    """The global batch of step `step` (same on every rank and after a resume); this rank's share.
+
+    A batch is a random window of `order` (examples sorted by length), so its rows have
+    similar lengths and little padding: ~1.4x fewer tokens than random rows on the pool.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    start = torch.randint(len(order), (1,), generator=g)
+    idx = order[(start + torch.arange(batch_size)) % len(order)]
+    return idx[rank::world]
+
+
+def train(model, X, Y, cfg, device, rank=0, world=1, log=print, ckpt_fn=None, start_step=0,
+          optimizer=None, metrics_path=None):
+    """The training loop: cosine LR, grad clip, one log line per `log_every` steps.
+
+    The loss is the sum over this rank's target tokens divided by the *global* count, times
+    the world size: after DDP averages gradients, every run sees the same global-batch mean,
+    whatever the number of processes. Returns {"tokens": target tokens seen, "loss": last}.
+    """
+    optimizer = optimizer or make_optimizer(model, cfg, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    model.train()
+    order = length_order(Y)
+    tokens_seen, t0, loss_val = 0, time.time(), float("nan")
+    for step in range(start_step, cfg.max_steps):
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, order, cfg.batch_size, cfg.seed, rank, world)
+        y = Y[idx]
+        L = int((y != -1).any(0).nonzero().max()) + 1  # trim the padded tail shared by the batch
+        x, y = X[idx, :L].to(device, non_blocking=True), y[:, :L].to(device, non_blocking=True)
+        n_local = (y != -1).sum()
+        n_global = all_reduce_sum(n_local.clone().float())
+        with autocast:
+            _, loss_tok = model(x, y, loss_reduction="none")
+        loss = loss_tok.sum() / n_global * world
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += int(n_global)
+        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"non-finite loss {loss_val} at step {step}; "
+                                         f"the last good checkpoint is kept")
+            done = step + 1 - start_step
+            rate = (time.time() - t0) / done
+            if rank == 0:
+                log(f"step {step:5d}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                    f"gnorm {float(gnorm):.2f} | {tokens_seen / (time.time() - t0):,.0f} tok/s | "
+                    f"eta {format_eta(rate * (cfg.max_steps - step - 1))}")
+                if metrics_path:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr,
+                                            "grad_norm": float(gnorm)}) + "\n")
+        if ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps):
+            ckpt_fn(step + 1, optimizer)
+    return {"tokens": tokens_seen, "loss": loss_val}
+
+
+def new_model(cfg, tok, device):
+    """A fresh GPT from the config, or the model of cfg.init (shape and vocabulary checked)."""
+    if cfg.init:
+        ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+        return model_from_checkpoint(ckpt, device)
+    gcfg = GPTConfig(block_size=cfg.block_size, vocab_size=padded_vocab_size(tok.enc),
+                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+    return GPT(gcfg).to(device)
+
+
+def train_policy(records, cfg, device="cpu", log=print):
+    """Train a student on `records` under cfg's budget (same init, steps and batch for everyone).
+
+    Returns (model, {"tokens": target tokens seen, "loss": final loss}). Used by select_data.py.
+    """
+    torch.manual_seed(cfg.seed)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    model = new_model(cfg, tok, device)
+    X, Y = pack(build_examples(records, tok, cfg.template_frac, cfg.seed), model.config.block_size, tok.eot)
+    info = train(model, X, Y, cfg, device, log=log)
+    return model, info
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, argv, {"smoke": SMOKE}, __doc__)
+    device = pick_device(cfg.device)
+    rank, world, device = init_distributed(device)
+    if rank == 0:
+        print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+
+    t0 = time.time()
+    if cfg.pretrain:
+        examples = fact_examples(cfg.facts, tok, cfg.block_size)
+    else:
+        records = select_subset(read_jsonl(cfg.data, ("question", "answer", "thinking", "response")), cfg.subset)
+        examples = build_examples(records, tok, cfg.template_frac, cfg.seed)
+    model = new_model(cfg, tok, device)
+    X, Y = pack(examples, model.config.block_size, tok.eot)
+    if rank == 0:
+        print(f"{len(examples):,} examples, {int((Y != -1).sum()):,} target tokens, "
+              f"model {model.num_params() / 1e6:.2f}M parameters, data ready in {time.time() - t0:.1f}s")
+
+    optimizer = make_optimizer(model, cfg, device)
+    start_step = 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
+        model.load_state_dict(model_from_checkpoint(ckpt, device).state_dict())
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        if rank == 0:
+            print(f"resuming from {ckpt_path} at step {start_step}")
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log
+
+    train_model = torch.compile(model) if cfg.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+
+    def save(step, opt):
+        if rank == 0:
+            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
+                                                       optimizer=opt.state_dict(), step=step))
+
+    info = train(train_model, X, Y, cfg, device, rank, world, ckpt_fn=save,
+                 start_step=start_step, optimizer=optimizer, metrics_path=metrics_path)
+    train_s = time.time() - t0
+    if rank == 0:
+        print(f"trained {cfg.max_steps - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
+    if rank == 0 and cfg.eval_questions and not cfg.pretrain:
+        questions = read_jsonl(cfg.test)[:cfg.eval_questions]
+        greedy = evaluate(model, tok, questions)
+        sampled = evaluate(model, tok, questions, cfg.sample_temperature,
+                           torch.Generator(device=device).manual_seed(cfg.seed))
+        print(format_accuracy("greedy", greedy))
+        print(format_accuracy(f"sampled (T={cfg.sample_temperature})", sampled))
+        result = {"greedy": greedy, "sampled": sampled, "train_seconds": train_s,
+                  "subset": cfg.subset, "tokens": info["tokens"], "config": asdict(cfg)}
+        write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), result)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": cfg.max_steps, "eval_greedy": greedy["acc"],
+                                "eval_sampled": sampled["acc"]}) + "\n")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

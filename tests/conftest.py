@@ -1,0 +1,41 @@
+"""Shared fixtures: a smoke-sized data set and base model, made once per test session."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run_script(*args, check=True, env=None, cwd=ROOT):
+    """Run a python script of the repo in a subprocess; return the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory):
+    """A smoke data set: pool, questions, facts, tokenizer (data/arith/prepare.py --smoke)."""
+    d = tmp_path_factory.mktemp("arith")
+    run_script("data/arith/prepare.py", "--smoke", f"--out_dir={d}")
+    return d
+
+
+def data_args(d):
+    """The options that point a script at the smoke data set."""
+    return [f"--tokenizer={d}/tokenizer.tiktoken", f"--data={d}/pool.jsonl", f"--test={d}/test.jsonl"]
+
+
+@pytest.fixture(scope="session")
+def smoke_base(smoke_data, tmp_path_factory):
+    """A smoke base model pretrained on the smoke facts; returns its checkpoint path."""
+    out = tmp_path_factory.mktemp("base")
+    run_script("sft.py", "--smoke", "--pretrain", f"--facts={smoke_data}/facts.txt",
+               f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--out_dir={out}")
+    return out / "ckpt.pt"

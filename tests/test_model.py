@@ -1,0 +1,75 @@
+"""The GPT: KV-cache generation against recomputation, padding, stopping at eos."""
+
+import torch
+
+from rfprm import GPT, GPTConfig, left_pad, attention_mask
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_kv_cache_greedy_equals_recompute():
+    model = tiny_model()
+    idx = torch.randint(0, 60, (4, 9))
+    cached = model.generate(idx, 30, temperature=0, use_cache=True)
+    recomputed = model.generate(idx, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_kv_cache_logits_match_full_forward():
+    model = tiny_model(1)
+    seq = torch.randint(0, 60, (3, 20))
+    full = model.lm_head(model.hidden(seq))
+    # the same sequence fed through the cache: 12 tokens, then one at a time
+    from rfprm import KVCache
+    caches = [KVCache(3, 2, 20, 16, "cpu", torch.float32) for _ in model.h]
+    parts = [model.lm_head(model.hidden(seq[:, :12], caches, torch.arange(12)))]
+    for t in range(12, 20):
+        parts.append(model.lm_head(model.hidden(seq[:, t:t + 1], caches, torch.arange(t, t + 1))))
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+
+
+def test_left_padded_batch_equals_each_row_alone():
+    model = tiny_model(2)
+    seqs = [torch.randint(0, 60, (n,)).tolist() for n in (2, 9, 5)]
+    idx, mask = left_pad(seqs, pad_id=0)
+    batch = model.generate(idx, 12, temperature=0, prompt_mask=mask)
+    assert torch.equal(batch, model.generate(idx, 12, temperature=0, prompt_mask=mask, use_cache=False))
+    for i, s in enumerate(seqs):
+        alone = model.generate(torch.tensor([s]), 12, temperature=0)
+        assert torch.equal(alone[0, len(s):], batch[i, idx.size(1):])
+
+
+def test_rows_stop_independently_at_eos():
+    model = tiny_model(3)
+    idx = torch.randint(0, 60, (6, 5))
+    free = model.generate(idx, 20, temperature=0)
+    eos = int(free[0, 7])  # a token row 0 emits: make it the eos
+    out = model.generate(idx, 20, temperature=0, eos_id=eos)
+    for row in out[:, 5:]:
+        hits = (row == eos).nonzero()
+        if len(hits):
+            assert (row[hits[0]:] == eos).all(), "after eos a row is padded with eos"
+    assert (out[0, 7:] == eos).all()
+
+
+def test_attention_mask_lets_every_query_see_itself():
+    key_ok = torch.tensor([[False, False, True, True]])
+    mask = attention_mask(key_ok, 0)[0, 0]
+    assert mask.diagonal().all()
+    assert not mask[3, 0] and mask[3, 2] and not mask[2, 3]
+    out = tiny_model().generate(torch.tensor([[5, 5, 7, 8]]), 3, temperature=0, prompt_mask=key_ok)
+    assert not torch.isnan(out.float()).any()
+
+
+def test_loss_reduction_none_gives_per_token_loss():
+    model = tiny_model()
+    x = torch.randint(0, 60, (2, 8))
+    y = x.clone()
+    y[:, :3] = -1
+    _, mean = model(x, y)
+    _, per_tok = model(x, y, loss_reduction="none")
+    assert per_tok.shape == (2, 8) and (per_tok[:, :3] == 0).all()
+    assert torch.allclose(per_tok.sum() / 10, mean)

@@ -1,0 +1,112 @@
+"""sft.py: loss masking, an end-to-end smoke run, DDP, and refusing bad inputs."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import run_script, data_args, ROOT
+from rfprm import load_tokenizer, Tok, load_checkpoint
+import sft
+
+
+def test_completion_only_loss_mask(smoke_data):
+    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    prompt, completion = [1, 2, 3, 4], [5, 6, tok.eot]
+    X, Y = sft.pack([(prompt, completion), ([9, 9], [7, tok.eot])], 32, pad_id=tok.eot)
+    # position i predicts token i+1: the last prompt position predicts the first completion token
+    assert Y[0].tolist()[:6] == [-1, -1, -1, 5, 6, tok.eot]
+    assert (Y[0, 6:] == -1).all(), "padding is not a target"
+    assert Y[1].tolist()[:3] == [-1, 7, tok.eot], "the real eot is a target even though pad == eot"
+    assert X[0].tolist()[:6] == [1, 2, 3, 4, 5, 6]
+
+
+def test_template_conditioned_examples_follow_the_plan(smoke_data):
+    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    records = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:40]
+    examples = sft.build_examples(records, tok, template_frac=0.5)
+    tmpl = examples[40:]
+    assert len(tmpl) > 10
+    text = tok.enc.decode(tmpl[0][0] + tmpl[0][1])
+    assert "Plan: " in text and "<|think|>" not in text and text.endswith("<|endoftext|>")
+
+
+def test_sft_smoke_end_to_end(smoke_data, smoke_base, tmp_path):
+    out = tmp_path / "policy"
+    proc = run_script("sft.py", "--smoke", f"--init={smoke_base}", f"--out_dir={out}", *data_args(smoke_data))
+    assert "greedy" in proc.stdout
+    ckpt = load_checkpoint(str(out / "ckpt.pt"), kind="policy")
+    assert ckpt["step"] == 20 and ckpt["config"]["smoke"]
+    res = json.load(open(out / "eval.json"))
+    assert 0.0 <= res["greedy"]["acc"] <= 1.0 and res["tokens"] > 0
+    losses = [json.loads(l)["loss"] for l in open(out / "metrics.jsonl") if '"loss"' in l]
+    assert losses[-1] < losses[0], "training lowers the loss"
+
+
+def test_resume_continues_to_the_same_weights(smoke_data, smoke_base, tmp_path):
+    args = ["sft.py", "--smoke", f"--init={smoke_base}", "--eval_questions=0", *data_args(smoke_data)]
+    run_script(*args, f"--out_dir={tmp_path / 'full'}")
+    run_script(*args, f"--out_dir={tmp_path / 'cut'}", "--max_steps=20", "--ckpt_every=10")
+    # pretend the run was killed after step 10: keep that checkpoint, then resume
+    run_script(*args, f"--out_dir={tmp_path / 'half'}", "--ckpt_every=10", "--max_steps=10")
+    ck = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 10
+    run_script(*args, f"--out_dir={tmp_path / 'half'}", "--resume")
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["model"]
+    # the cosine schedule depends on max_steps, so 'half' is compared only after its resume to 20
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_ddp_two_processes_match_one_process(smoke_data, smoke_base, tmp_path):
+    common = ["--smoke", f"--init={smoke_base}", "--eval_questions=0", "--log_every=1", "--max_steps=3",
+              *data_args(smoke_data)]
+    run_script("sft.py", *common, f"--out_dir={tmp_path / 'one'}")
+    run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+               *common, f"--out_dir={tmp_path / 'two'}", env={"OMP_NUM_THREADS": "1"})
+    read = lambda d: [json.loads(l)["loss"] for l in open(tmp_path / d / "metrics.jsonl")]
+    one, two = read("one"), read("two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert abs(a - b) < 1e-4, (one, two)
+
+
+def test_bad_inputs_are_refused_clearly(smoke_data, smoke_base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    lines = open(smoke_data / "pool.jsonl").read().splitlines()[:5]
+    lines[3] = lines[3][:40]
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out_bad"
+    proc = run_script("sft.py", "--smoke", f"--init={smoke_base}", f"--data={bad}", f"--out_dir={out}",
+                      f"--tokenizer={smoke_data}/tokenizer.tiktoken", check=False)
+    assert proc.returncode != 0 and "bad.jsonl:4" in proc.stderr
+    assert not (out / "ckpt.pt").exists(), "nothing half-written"
+
+    proc = run_script("sft.py", "--smoke", f"--tokenizer={tmp_path}/missing.tiktoken", check=False)
+    assert proc.returncode != 0 and "prepare.py" in proc.stderr
+
+    proc = run_script("sft.py", "--smoke", "--no_such_key=3", check=False)
+    assert proc.returncode != 0 and "no_such_key" in proc.stderr
+    proc = run_script("sft.py", "--smoke", "--max_steps=many", check=False)
+    assert proc.returncode != 0 and "max_steps" in proc.stderr
+
+
+def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, tmp_path):
+    other = tmp_path / "other"
+    run_script("data/arith/prepare.py", "--smoke", "--vocab_size=300", f"--out_dir={other}")
+    proc = run_script("sft.py", "--smoke", f"--init={smoke_base}", f"--tokenizer={other}/tokenizer.tiktoken",
+                      f"--data={other}/pool.jsonl", f"--out_dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode != 0 and "vocabulary" in proc.stderr
+
+
+def test_checkpoint_with_another_shape_is_refused(smoke_base):
+    from rfprm import model_from_checkpoint
+    ckpt = load_checkpoint(str(smoke_base), kind="policy")
+    ckpt["model_args"]["n_embd"] = 64
+    with pytest.raises(ValueError, match="do not fit"):
+        model_from_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="expected a 'prm' checkpoint"):
+        load_checkpoint(str(smoke_base), kind="prm")

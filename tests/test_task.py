@@ -1,0 +1,91 @@
+"""The synthetic world and the expert: judge, template, verify."""
+
+import random
+
+import pytest
+
+import task
+
+
+def test_judge_scores_known_steps():
+    q = "3 + 4 * (5 - 2)"
+    assert task.judge(q, [], "first, 5 - 2 = 3") == 1.0
+    assert task.judge(q, [], "then 4 * 3 = 12") == 1.0
+    assert task.judge(q, [], "then 4 * 3 = 13") == 0.0          # arithmetic slip
+    assert task.judge(q, [], "3 + 4 = 7") == 0.0                 # precedence ignored
+    assert task.judge(q, [], "now 4 * 4 = 16") == 0.0            # built on a wrong value
+    assert task.judge(q, [], "check: 3 + 12 = 15, ok") == 1.0
+    assert task.judge(q, [], "check: 3 + 12 = 16, ok") == 0.0
+    assert task.judge(q, [], "wait, 4 * 3 is 12, not 13") == 1.0
+    assert task.judge(q, [], "so the answer is 15") == 1.0
+    assert task.judge(q, [], "so the answer is 21") == 0.0
+    assert task.judge(q, [], "hmm, let me keep going") == 0.5
+
+
+def test_judge_agrees_with_hidden_labels_on_the_pool():
+    rng, cfg = random.Random(0), task.WorldConfig()
+    for i in range(300):
+        r = task.make_record(rng, cfg, i)
+        for t, (line, ok) in enumerate(zip(r["thinking"], r["meta"]["step_ok"])):
+            assert (task.judge(r["question"], r["thinking"][:t], line) > 0.25) == ok, (r, line)
+
+
+def test_template_and_follow():
+    thinking = ["let me see", "first, 5 - 2 = 3", "then 4 * 3 = 13", "wait, 4 * 3 is 12, not 13",
+                "check: 4 * 3 = 12, ok", "next, 3 + 12 = 15"]
+    plan = task.template(thinking)
+    assert plan == ["5 - 2", "4 * #1", "3 + #2"]
+    assert task.follow_template(plan)[-1] == "Answer: 15"
+    # a wrong strategy is followed literally, right or wrong
+    assert task.follow_template(["3 + 4", "#1 * 2"])[-1] == "Answer: 14"
+
+
+def test_verify():
+    assert task.verify("1. 2 + 3 = 5\nAnswer: 5", 5)
+    assert not task.verify("Answer: 6", 5)
+    assert not task.verify("no answer here", 5)
+    assert task.verify("Answer: 4\nAnswer: -7", -7)  # the last answer counts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_parsers_never_raise_on_garbage(seed):
+    rng = random.Random(seed)
+    alphabet = "0123456789+-*=()# :,.abcxyz\n\t\u00e9\u4e2d\U0001F600Answer:waitnotischeck"
+    for _ in range(300):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        lines = s.split("\n")
+        assert 0.0 <= task.judge(s, lines, s, lines) <= 1.0
+        assert 0.0 <= task.judge("3 + 4", lines, s) <= 1.0
+        assert isinstance(task.template(lines), list)
+        assert task.follow_template(task.template(lines)) is None or True
+        assert task.verify(s, 7) in (True, False)
+        assert task.verify(s, "not a number") is False
+        assert task.follow_template([s]) is None or isinstance(task.follow_template([s]), list)
+    assert task.judge(None, None, None, None) == 0.5
+
+
+def test_flaw_rates_are_configurable_and_pool_mostly_clean_by_default():
+    rng = random.Random(1)
+    recs = [task.make_record(rng, task.WorldConfig(), i) for i in range(1000)]
+    clean = sum(r["meta"]["flaw"] == "clean" for r in recs) / len(recs)
+    assert 0.35 < clean < 0.45
+    only_slips = task.WorldConfig(**{f"p_{f}": 0.0 for f in task.FLAWS})
+    only_slips.p_slip = 1.0
+    assert {task.make_record(rng, only_slips, i)["meta"]["flaw"] for i in range(50)} == {"slip"}
+
+
+def test_flawed_records_show_their_flaw():
+    rng, cfg = random.Random(2), task.WorldConfig()
+    for flaw in task.FLAWS:
+        for i in range(30):
+            r = task.make_record(rng, cfg, i, flaw=flaw)
+            right = task.verify("\n".join(r["response"]), r["answer"])
+            errors = not all(r["meta"]["step_ok"])
+            if flaw in ("clean", "self_correct", "rambling"):
+                assert right
+            if flaw in ("slip", "wrong_strategy", "misaligned", "truncated"):
+                assert not right, (flaw, r)
+            if flaw == "lucky":
+                assert right and errors   # right answer, wrong steps: an outcome filter keeps it
+            if flaw in ("slip", "wrong_strategy", "self_correct"):
+                assert errors
