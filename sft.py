@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import task
 from rfprm import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size,
-                   encode_prompt, encode_completion, split_completion, left_pad,
+                   encode_prompt, encode_completion, split_completion, generate_completions,
                    save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
                    pick_device, parse_config, print_config, read_jsonl, write_json_atomic,
                    init_distributed, all_reduce_sum, format_eta)
@@ -143,24 +143,6 @@ def select_subset(records, subset):
 # ----------------------------------------------------------------------------
 # evaluation
 
-@torch.no_grad()
-def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=None,
-                         batch_size=256, generator=None, top_k=None):
-    """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches."""
-    model.eval()
-    device = next(model.parameters()).device
-    block = model.config.block_size
-    outs = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        idx, mask = left_pad(chunk, tok.eot, device)
-        new = min(max_new_tokens or block, block - idx.size(1))
-        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
-                              prompt_mask=mask, generator=generator)
-        outs.extend(seqs[:, idx.size(1):].tolist())
-    return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
-
-
 def evaluate(model, tok, questions, temperature=0.0, generator=None):
     """Accuracy of the policy on questions [{question, answer, n_ops}], overall and by n_ops."""
     prompts = [encode_prompt(tok, q["question"]) for q in questions]
@@ -199,10 +181,10 @@ def make_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def length_order(Y):
-    """Example indices sorted by length (last target position), ties kept in order."""
+def target_lengths(Y):
+    """The length of each example: its last target position + 1."""
     pos = torch.arange(Y.size(1)).expand_as(Y)
-    return torch.argsort(torch.where(Y != -1, pos, -1).max(1).values, stable=True)
+    return torch.where(Y != -1, pos, -1).max(1).values + 1
 
 
 def batch_indices(step, order, batch_size, seed, rank=0, world=1):
@@ -217,44 +199,56 @@ def batch_indices(step, order, batch_size, seed, rank=0, world=1):
     return idx[rank::world]
 
 
-def train(model, X, Y, cfg, device, rank=0, world=1, log=print, ckpt_fn=None, start_step=0,
-          optimizer=None, metrics_path=None):
-    """The training loop: cosine LR, grad clip, one log line per `log_every` steps.
+def lm_batch_loss(X, Y, device, world=1):
+    """The SFT loss of a batch: cross-entropy on target tokens (Y != -1).
 
-    The loss is the sum over this rank's target tokens divided by the *global* count, times
-    the world size: after DDP averages gradients, every run sees the same global-batch mean,
-    whatever the number of processes. Returns {"tokens": target tokens seen, "loss": last}.
+    Summed over this rank's targets and divided by the *global* count (times the world
+    size): after DDP averages gradients, every run sees the same global-batch mean,
+    whatever the number of processes. Returns (loss, global target count).
+    """
+    def batch_loss(model, idx):
+        y = Y[idx]
+        L = int((y != -1).any(0).nonzero().max()) + 1  # trim the padded tail shared by the batch
+        x, y = X[idx, :L].to(device, non_blocking=True), y[:, :L].to(device, non_blocking=True)
+        n_global = all_reduce_sum((y != -1).sum().float())
+        _, loss_tok = model(x, y, loss_reduction="none")
+        return loss_tok.sum() / n_global * world, int(n_global)
+    return batch_loss
+
+
+def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, ckpt_fn=None,
+          start_step=0, optimizer=None, metrics_path=None):
+    """The training loop: cosine LR, grad clip, one log line per `log_every` steps, checkpoints.
+
+    batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
+    lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
+    loss stops the run naming the step (the last checkpoint on disk is left as it was).
+    Returns {"tokens": targets seen, "loss": last logged loss}.
     """
     optimizer = optimizer or make_optimizer(model, cfg, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
     model.train()
-    order = length_order(Y)
+    order = torch.argsort(lengths, stable=True)
     tokens_seen, t0, loss_val = 0, time.time(), float("nan")
     for step in range(start_step, cfg.max_steps):
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = batch_indices(step, order, cfg.batch_size, cfg.seed, rank, world)
-        y = Y[idx]
-        L = int((y != -1).any(0).nonzero().max()) + 1  # trim the padded tail shared by the batch
-        x, y = X[idx, :L].to(device, non_blocking=True), y[:, :L].to(device, non_blocking=True)
-        n_local = (y != -1).sum()
-        n_global = all_reduce_sum(n_local.clone().float())
         with autocast:
-            _, loss_tok = model(x, y, loss_reduction="none")
-        loss = loss_tok.sum() / n_global * world
+            loss, n_targets = batch_loss(model, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += int(n_global)
+        tokens_seen += n_targets
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
             if not math.isfinite(loss_val):
                 raise FloatingPointError(f"non-finite loss {loss_val} at step {step}; "
                                          f"the last good checkpoint is kept")
-            done = step + 1 - start_step
-            rate = (time.time() - t0) / done
+            rate = (time.time() - t0) / (step + 1 - start_step)
             if rank == 0:
                 log(f"step {step:5d}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
                     f"gnorm {float(gnorm):.2f} | {tokens_seen / (time.time() - t0):,.0f} tok/s | "
@@ -287,7 +281,7 @@ def train_policy(records, cfg, device="cpu", log=print):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     model = new_model(cfg, tok, device)
     X, Y = pack(build_examples(records, tok, cfg.template_frac, cfg.seed), model.config.block_size, tok.eot)
-    info = train(model, X, Y, cfg, device, log=log)
+    info = train(model, lm_batch_loss(X, Y, device), target_lengths(Y), cfg, device, log=log)
     return model, info
 
 
@@ -336,8 +330,8 @@ def main(argv=None):
             save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
                                                        optimizer=opt.state_dict(), step=step))
 
-    info = train(train_model, X, Y, cfg, device, rank, world, ckpt_fn=save,
-                 start_step=start_step, optimizer=optimizer, metrics_path=metrics_path)
+    info = train(train_model, lm_batch_loss(X, Y, device, world), target_lengths(Y), cfg, device, rank, world,
+                 ckpt_fn=save, start_step=start_step, optimizer=optimizer, metrics_path=metrics_path)
     train_s = time.time() - t0
     if rank == 0:
         print(f"trained {cfg.max_steps - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
