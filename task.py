@@ -51,7 +51,7 @@ GOOD_FLAWS = ("clean", "self_correct")  # a self-corrected slip is a *good* traj
 @dataclass
 class WorldConfig:
     min_ops: int = 2            # operations per question (inclusive range)
-    max_ops: int = 4
+    max_ops: int = 3
     max_operand: int = 9        # operands drawn from 1..max_operand
     max_value: int = 30         # every intermediate value must lie in 0..max_value
     # flaw rates of the simulated teacher (normalised, so they need not sum to 1)
@@ -234,8 +234,9 @@ def write_trajectory(rng, question, steps, cfg, flaw):
             resp_steps = solution_steps(tree, {j: steps[j][3] + rng.choice([-2, -1, 1, 2])})
 
     elif flaw == "truncated":
-        # the thinking stops early; the response reports the last value it reached
-        last = rng.randint(1, n - 1)
+        # the thinking stops early; the response reports the last value it reached,
+        # never one that happens to equal the answer (that would be a lucky record)
+        last = rng.choice([k for k in range(1, n) if steps[k - 1][3] != answer])
         for k in range(last):
             add_compute(k, steps[k])
         resp_steps = steps[:last]
@@ -288,6 +289,8 @@ def make_record(rng, cfg, idx, flaw=None):
             # the flaw must show: left-to-right must give a different answer
             if solution_steps(parse(question, flat=True))[-1][3] == answer:
                 continue
+        if flaw == "truncated" and all(st[3] == answer for st in steps[:-1]):
+            continue  # every early stop would already hold the answer: the flaw could not show
         break
     thinking, response, ok, resp_ok = write_trajectory(rng, question, steps, cfg, flaw)
     meta = {"flaw": flaw, "good": flaw in GOOD_FLAWS, "n_ops": len(steps),
