@@ -7,4 +7,4 @@ python data/arith/prepare.py                                             # 1. th
 python sft.py --pretrain --out_dir=out/base                              # 2. base model: arithmetic facts
 python sft.py --init=out/base/ckpt.pt --subset=clean --out_dir=out/sft_clean   # 3a. SFT on the clean part (upper bound)
 python sft.py --init=out/base/ckpt.pt --subset=all --out_dir=out/policy        # 3b. SFT on the whole mixed pool: the policy
-python sft.py --report out/sft_clean out/policy                          # 3c. the accuracy table
+python sft.py --compare=out/sft_clean,out/policy                          # 3c. the accuracy table
