@@ -27,6 +27,8 @@ import json
 import math
 import os
 import re
+import sys
+import time
 import base64
 from dataclasses import dataclass, asdict, fields
 
@@ -277,13 +279,19 @@ def left_pad(seqs, pad_id, device="cpu"):
 
 @torch.no_grad()
 def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=None,
-                         batch_size=256, generator=None, top_k=None):
-    """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches."""
+                         batch_size=256, generator=None, top_k=None, progress=""):
+    """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches.
+
+    progress: a label; when given, one line per batch with the count done and an ETA.
+    """
     model.eval()
     device = next(model.parameters()).device
     block = model.config.block_size
-    outs = []
+    outs, t0 = [], time.time()
     for i in range(0, len(prompts), batch_size):
+        if progress and i:
+            print(f"{progress}: {i:,}/{len(prompts):,} completions | "
+                  f"eta {format_eta((time.time() - t0) / i * (len(prompts) - i))}", flush=True)
         chunk = prompts[i:i + batch_size]
         idx, mask = left_pad(chunk, tok.eot, device)
         new = min(max_new_tokens or block, block - idx.size(1))
@@ -559,7 +567,8 @@ def fuse_rewards(r_align, r_qual, r_coh):
 
 
 @torch.no_grad()
-def trajectory_reward(policy, tok, records, n_rollouts=4, temperature=1.0, generator=None, batch_size=512):
+def trajectory_reward(policy, tok, records, n_rollouts=4, temperature=1.0, generator=None, batch_size=512,
+                      progress=""):
     """r_final = (1/N) Σ_j verify(y_j), y_j ~ π(· | x, template(s))  (template-guided reward).
 
     The expert turns each thinking trajectory into a template (its strategy, operations
@@ -570,7 +579,7 @@ def trajectory_reward(policy, tok, records, n_rollouts=4, temperature=1.0, gener
     plans = [task.template(r["thinking"]) for r in records]
     prompts = [encode_prompt(tok, r["question"], p) for r, p in zip(records, plans) for _ in range(n_rollouts)]
     comps = generate_completions(policy, tok, prompts, temperature=temperature,
-                                 max_new_tokens=96, generator=generator, batch_size=batch_size)
+                                 max_new_tokens=96, generator=generator, batch_size=batch_size, progress=progress)
     right = torch.tensor([task.verify(tok.enc.decode([i for i in c if i < tok.eot]), records[k // n_rollouts]["answer"])
                           for k, c in enumerate(comps)], dtype=torch.float).view(len(records), n_rollouts)
     has_plan = torch.tensor([bool(p) for p in plans], dtype=torch.float)
@@ -813,3 +822,48 @@ def all_reduce_sum(t):
 def format_eta(seconds):
     seconds = max(0, int(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------
+# python rfprm.py score FILE.jsonl: see what a trained PRM thinks of each step
+
+
+def colour(text, score, tty):
+    """Green for a high score, yellow for a middling one, red for a low one (only on a terminal)."""
+    if not tty:
+        return text
+    code = 32 if score >= 0.7 else 33 if score >= 0.4 else 31
+    return f"\033[{code}m{text}\033[0m"
+
+
+def show_scores(record, s, tty):
+    """One record with its scores, one line per step; `meta` (hidden truth) is shown, never used."""
+    truth = (record.get("meta") or {}).get("step_ok")
+    print(f"Q: {record['question']}" + (f"   (answer {record['answer']})" if "answer" in record else ""))
+    for t, (line, x) in enumerate(zip(record.get("thinking") or [], s["step"])):
+        mark = "" if truth is None or t >= len(truth) else ("" if truth[t] else "   <- wrong (hidden truth)")
+        print(f"  think {colour(f'{x:.2f}', x, tty)}  {line}{mark}")
+    for line, x in zip(record.get("response") or [], s["response"]):
+        print(f"  resp  {colour(f'{x:.2f}', x, tty)}  {line}")
+    flaw = (record.get("meta") or {}).get("flaw")
+    print(f"  trajectory {s['trajectory']:.2f}, total {s['total']:.2f}" + (f"   (flaw: {flaw})" if flaw else "") + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Print each record of a jsonl file with a PRM's per-step scores.")
+    parser.add_argument("command", choices=["score"])
+    parser.add_argument("file", help="pool-format jsonl: question, thinking, response per line")
+    parser.add_argument("--prm", default="out/prm/ckpt.pt", help="a checkpoint from train_prm.py")
+    parser.add_argument("--n", type=int, default=10, help="how many records to show (0 = all)")
+    parser.add_argument("--device", default="")
+    args = parser.parse_args(argv)
+    records = read_jsonl(args.file, ("question", "thinking", "response"))
+    records = records[:args.n] if args.n else records
+    prm = load_prm(args.prm, pick_device(args.device))
+    tty = sys.stdout.isatty()
+    for record, s in zip(records, prm.score(records)):
+        show_scores(record, s, tty)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 Reward design and training of ReasonFlux-PRM, and its evaluation on a synthetic ProcessBench.
 
     python train_prm.py                        # reward design (cached) + PRM training
-    python train_prm.py --eval                 # + baselines, ablations and the ProcessBench table
+    python train_prm.py --eval                 # + baselines and ablations (out/prm_*), the ProcessBench table
     python train_prm.py --labels=mc --out_dir=out/prm_response   # the response-only baseline alone
     torchrun --nproc_per_node=2 train_prm.py   # DDP (gloo on CPU)
 
@@ -147,7 +147,8 @@ def mc_response_labels(policy, tok, records, cfg):
             prompts += [base + prefix] * cfg.mc_rollouts
             owners.append((k, j))
     g = torch.Generator().manual_seed(cfg.seed)
-    comps = generate_completions(policy, tok, prompts, temperature=1.0, max_new_tokens=64, generator=g)
+    comps = generate_completions(policy, tok, prompts, temperature=1.0, max_new_tokens=64, generator=g,
+                                 progress="Monte-Carlo rollouts")
     right = [task.verify(tok.enc.decode([i for i in c if i < tok.eot]), records[owners[n // cfg.mc_rollouts][0]]["answer"])
              for n, c in enumerate(comps)]
     labels = [[0.0] * len(r["response"]) for r in records]
@@ -191,7 +192,7 @@ def design_rewards(records, tok, policy, cfg):
           f"as written, ({w_prob[:, 0].mean():.2f}, {w_prob[:, 1].mean():.2f}, {w_prob[:, 2].mean():.2f}) rescaled")
     print(f"reward design: template-guided rollouts, {cfg.n_rollouts} per trajectory, {len(records):,} trajectories ...")
     g = torch.Generator().manual_seed(cfg.seed)
-    r_final = trajectory_reward(policy, tok, records, cfg.n_rollouts, generator=g)
+    r_final = trajectory_reward(policy, tok, records, cfg.n_rollouts, generator=g, progress="template-guided rollouts")
     print(f"reward design: trajectory rewards in {time.time() - t0 - t_step:.1f}s, mean r_final {r_final.mean():.2f}")
     counts = torch.bincount(step_rec, minlength=len(records)).tolist()
     per_record = lambda x: [c.tolist() for c in torch.split(x, counts)]
@@ -265,7 +266,7 @@ def prm_batch_loss(ids, t_step, t_final, lengths, cfg, device):
         scores = model(ids[idx, :L].to(device))
         loss = prm_loss(scores, t_step[idx, :L].to(device), t_final[idx, :L].to(device),
                         cfg.lam_step, cfg.lam_final)
-        return loss, len(idx)
+        return loss, int(lengths[idx].sum())   # tokens read, for the tok/s of the log line
     return batch_loss
 
 
@@ -395,15 +396,15 @@ def save_histograms(all_scores, records, path):
     return True
 
 
-VARIANTS = [  # name, overrides: every row of the table is one flag away from the main PRM
-    ("ReasonFlux-PRM", {}),
-    ("  fusion, no trajectory", {"lam_final": 0.0, "alpha": 0.0}),
-    ("  alignment only", {"labels": "align"}),
-    ("  quality only", {"labels": "quality"}),
-    ("  coherence only", {"labels": "coherence"}),
-    ("  fusion, rescaled coh.", {"coherence": "prob"}),
-    ("response-only PRM (MC)", {"labels": "mc"}),
-    ("outcome scorer", {"labels": "outcome"}),
+VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table is one flag away
+    ("ReasonFlux-PRM", "", {}),
+    ("  fusion, no trajectory", "_no_traj", {"lam_final": 0.0, "alpha": 0.0}),
+    ("  alignment only", "_align", {"labels": "align"}),
+    ("  quality only", "_quality", {"labels": "quality"}),
+    ("  coherence only", "_coherence", {"labels": "coherence"}),
+    ("  fusion, rescaled coh.", "_rescaled", {"coherence": "prob"}),
+    ("response-only PRM (MC)", "_response", {"labels": "mc"}),   # out/prm_response: used by later stages
+    ("outcome scorer", "_outcome", {"labels": "outcome"}),        # out/prm_outcome
 ]
 
 
@@ -417,15 +418,12 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    variants = VARIANTS if cfg.eval else [("ReasonFlux-PRM", {})]
+    variants = VARIANTS if cfg.eval else VARIANTS[:1]
     times, all_scores, rows = {}, {}, {}
     eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
-    for name, over in variants:
-        vcfg = PRMConfig(**{**asdict(cfg), **over})
-        if over:
-            vcfg.out_dir = os.path.join(cfg.out_dir, "variants", name.strip().split(",")[0].replace(" ", "_").replace(".", "") +
-                                        "".join(f"_{k}{v}" for k, v in over.items() if k not in ("labels",)))
-            os.makedirs(vcfg.out_dir, exist_ok=True)
+    for name, suffix, over in variants:
+        vcfg = PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
+        os.makedirs(vcfg.out_dir, exist_ok=True)
         t0 = time.time()
         if rank == 0:
             print(f"=== {name.strip()} (labels={vcfg.labels}) ===")
@@ -437,7 +435,7 @@ def main(argv=None):
     if rank == 0:
         print("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     if rank == 0 and cfg.eval:
-        print_table(rows)
+        print(format_table(rows))
         for name, scores in all_scores.items():
             good = [s["total"] for s, r in zip(scores, eval_records) if r["meta"]["good"]]
             bad = [s["total"] for s, r in zip(scores, eval_records) if not r["meta"]["good"]]
@@ -450,11 +448,14 @@ def main(argv=None):
         torch.distributed.destroy_process_group()
 
 
-def print_table(rows):
-    print(f"\nsynthetic ProcessBench, held-out trajectories (hidden meta used for evaluation only)")
-    print(f"{'scorer':<26}{'step AUROC':>11}{'first-err F1':>14}{'traj AUROC':>12}")
+def format_table(rows):
+    """The synthetic ProcessBench table, one row per scorer (as printed and in out/results.md)."""
+    lines = []
+    lines.append(f"\nsynthetic ProcessBench, held-out trajectories (hidden meta used for evaluation only)")
+    lines.append(f"{'scorer':<26}{'step AUROC':>11}{'first-err F1':>14}{'traj AUROC':>12}")
     for name, r in rows.items():
-        print(f"{name:<26}{r['step_auroc']:>11.3f}{r['first_error_f1']:>14.3f}{r['trajectory_auroc']:>12.3f}")
+        lines.append(f"{name:<26}{r['step_auroc']:>11.3f}{r['first_error_f1']:>14.3f}{r['trajectory_auroc']:>12.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,25 @@ def smoke_base(smoke_data, tmp_path_factory):
     run_script("sft.py", "--smoke", "--pretrain", f"--facts={smoke_data}/facts.txt",
                f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--out_dir={out}")
     return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def smoke_policy(smoke_data, smoke_base, tmp_path_factory):
+    """A smoke policy fine-tuned from the smoke base; returns its checkpoint path."""
+    out = tmp_path_factory.mktemp("policy")
+    run_script("sft.py", "--smoke", f"--init={smoke_base}", "--eval_questions=0", f"--out_dir={out}",
+               *data_args(smoke_data))
+    return out / "ckpt.pt"
+
+
+@pytest.fixture(scope="session")
+def smoke_prms(smoke_data, smoke_policy, tmp_path_factory):
+    """Smoke PRMs: {"fused": ReasonFlux-PRM, "mc": response-only, "outcome": outcome scorer} checkpoint paths."""
+    root = tmp_path_factory.mktemp("prms")
+    paths = {}
+    for labels in ("fused", "mc", "outcome"):
+        run_script("train_prm.py", "--smoke", f"--labels={labels}", f"--policy={smoke_policy}",
+                   f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                   f"--out_dir={root / labels}", f"--cache_dir={root / 'rewards'}")
+        paths[labels] = root / labels / "ckpt.pt"
+    return paths

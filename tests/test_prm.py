@@ -1,0 +1,137 @@
+"""Reward design and the PRM: each reward on hand-made steps, the loss, scoring edge cases, the cache."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, GPTConfig,
+                   prm_loss, load_prm, load_tokenizer, Tok, prm_tokens)
+import train_prm
+
+
+@pytest.fixture(scope="module")
+def tok(smoke_data):
+    return Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+
+
+def vecs(tok, encoder, lines):
+    return encoder.encode([tok.enc.encode_ordinary(l) for l in lines])
+
+
+def test_aligned_step_scores_above_unrelated_step(tok):
+    response = ["1. 5 - 2 = 3", "2. 4 * 3 = 12", "3. 3 + 12 = 15", "Answer: 15"]
+    steps = ["first, 5 - 2 = 3", "hmm, let me keep going", "also, just to see, 8 * 9 = 72"]
+    enc = TfidfEncoder().fit([tok.enc.encode_ordinary(l) for l in response + steps])
+    r = alignment_reward(vecs(tok, enc, steps), vecs(tok, enc, response),
+                         torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    assert r[0] > r[1] and r[0] > r[2] and r[0] > 0.5
+    # a response of another record does not count
+    r_other = alignment_reward(vecs(tok, enc, steps[:1]), vecs(tok, enc, response),
+                               torch.zeros(1, dtype=torch.long), torch.ones(4, dtype=torch.long))
+    assert r_other.item() == 0.0
+
+
+def test_coherent_successor_scores_above_random_step(tok):
+    prev = ["first, 5 - 2 = 3", "first, 5 - 2 = 3"]
+    nxt = ["check: 5 - 2 = 3, ok", "also, just to see, 8 * 9 = 72"]
+    negatives = ["Answer: 41", "so the answer is 7", "then 6 + 6 = 12", "ok, mind the order of operations"]
+    enc = TfidfEncoder().fit([tok.enc.encode_ordinary(l) for l in prev + nxt + negatives])
+    neg = vecs(tok, enc, negatives)[None].expand(2, -1, -1)
+    logp = coherence_reward(vecs(tok, enc, prev), vecs(tok, enc, nxt), neg, tau=0.1)
+    assert logp[0] > logp[1] and (logp <= 0).all()
+    prob = coherence_reward(vecs(tok, enc, prev), vecs(tok, enc, nxt), neg, tau=0.1, rescaled=True)
+    assert torch.allclose(prob, logp.exp()) and ((prob >= 0) & (prob <= 1)).all()
+
+
+def test_fusion_weights_sum_to_one_and_favour_high_rewards():
+    a, q, c = torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]), torch.tensor([-2.0, -0.1])
+    fused, w = fuse_rewards(a, q, c)
+    assert torch.allclose(w.sum(1), torch.ones(2))
+    assert torch.allclose(fused, (w * torch.stack([a, q, c], 1)).sum(1))
+    assert w[0, 1] > w[0, 2], "a high reward gets the larger weight"
+    assert fused[0] > fused[1]
+
+
+def test_tfidf_is_deterministic_and_normalised(tok):
+    lines = ["first, 5 - 2 = 3", "then 4 * 3 = 12"]
+    ids = [tok.enc.encode_ordinary(l) for l in lines]
+    a, b = TfidfEncoder().fit(ids).encode(ids), TfidfEncoder().fit(ids).encode(ids)
+    assert torch.equal(a, b) and torch.allclose(a.norm(dim=1), torch.ones(2))
+
+
+def test_prm_loss_is_zero_at_targets_and_flows_only_through_read_positions():
+    scores = torch.full((2, 6), 0.5, requires_grad=True)
+    t_step = torch.full((2, 6), float("nan"))
+    t_final = torch.full((2, 6), float("nan"))
+    t_step[0, 1], t_step[1, 3], t_final[0, 5], t_final[1, 4] = 0.5, 0.5, 0.5, 0.5
+    assert prm_loss(scores, t_step, t_final).item() == 0.0
+    t_step[0, 1], t_final[1, 4] = 0.9, 0.1
+    loss = prm_loss(scores, t_step, t_final, lam_step=1.0, lam_final=2.0)
+    assert math.isclose(loss.item(), (0.4 ** 2 + 0) / 2 + 2 * (0 + 0.4 ** 2) / 2, rel_tol=1e-6)
+    loss.backward()
+    read = ~torch.isnan(t_step) | ~torch.isnan(t_final)
+    assert (scores.grad[~read] == 0).all() and (scores.grad[0, 1] != 0)
+
+
+def test_read_positions_are_step_ends(tok):
+    ids, tp, rp, end, cut = prm_tokens(tok, "1 + 2", ["1 + 2 = 3", "so the answer is 3"], ["1. 1 + 2 = 3", "Answer: 3"])
+    nl = tok.enc.encode_ordinary("\n")[0]
+    assert [ids[p] for p in tp] == [nl, tok.end_think]
+    assert [ids[p] for p in rp] == [nl, tok.eot] and end == len(ids) - 1 and not cut
+
+
+def test_score_never_crashes_on_odd_records(smoke_prms):
+    prm = load_prm(str(smoke_prms["fused"]), device="cpu")
+    records = [{"question": "1 + 2", "thinking": [], "response": ["Answer: 3"]},
+               {"question": "1 + 2", "thinking": ["1 + 2 = 3"], "response": []},
+               {"question": "1 + 2", "thinking": ["7 " * 400] * 3, "response": ["Answer: 3"]},
+               {"question": "", "thinking": [""], "response": [""]}]
+    out = prm.score(records)
+    assert len(out) == 4 and prm.truncated == 1
+    for o, r in zip(out, records):
+        assert len(o["step"]) == len(r["thinking"]) and len(o["response"]) == len(r["response"])
+        assert all(math.isfinite(x) for x in o["step"] + o["response"] + [o["trajectory"], o["total"]])
+    assert out[0]["total"] == pytest.approx(out[0]["trajectory"])  # no steps: mean(step) counts as 0
+
+
+def test_response_only_prm_reads_thinking_as_response_steps(smoke_prms, smoke_data):
+    prm = load_prm(str(smoke_prms["mc"]), device="cpu")
+    assert prm.mode == "response_only"
+    rec = json.loads(open(smoke_data / "pool.jsonl").readline())
+    out = prm.score([rec])[0]
+    assert len(out["step"]) == len(rec["thinking"]) and len(out["response"]) == len(rec["response"])
+
+
+def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
+    args = ["train_prm.py", "--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/pool.jsonl",
+            f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"]
+    first = run_script(*args, f"--out_dir={tmp_path / 'a'}")
+    assert "reusing" not in first.stdout
+    second = run_script(*args, f"--out_dir={tmp_path / 'b'}")
+    assert "reusing" in second.stdout
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same targets give the same PRM"
+    # another setting that changes rewards makes a new design
+    third = run_script(*args, "--tau=0.5", f"--out_dir={tmp_path / 'c'}")
+    assert "reusing" not in third.stdout
+
+
+def test_auroc_and_first_error_f1_by_hand():
+    assert train_prm.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert train_prm.auroc([0.5, 0.5], [0, 1]) == 0.5
+    steps = [[0.9, 0.2, 0.9], [0.9, 0.9], [0.1]]
+    assert train_prm.first_error_predictions(steps, 0.5) == [1, -1, 0]
+    assert train_prm.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
+    assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_score_cli_prints_every_step(smoke_prms, smoke_data):
+    out = run_script("rfprm.py", "score", str(smoke_data / "pool.jsonl"), f"--prm={smoke_prms['fused']}", "--n=2").stdout
+    recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:2]
+    assert out.count("Q: ") == 2 and "\033[" not in out, "no colour codes when stdout is not a terminal"
+    assert out.count("  think ") == sum(len(r["thinking"]) for r in recs)
+    assert out.count("trajectory ") == 2
