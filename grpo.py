@@ -1,0 +1,587 @@
+"""
+GRPO with ReasonFlux-PRM as a reward: the paper's online setting (DESIGN §5).
+
+    python grpo.py                                    # one run, reward=mix, ~3 minutes on a 2-core CPU
+    python grpo.py --reward=rule                      # the outcome-only baseline
+    python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
+    python grpo.py --variants=mix@0.25,mix@0.5,mix@0.75,prm --seeds=3   # the β sweep
+    python grpo.py --smoke
+
+One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
+  1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
+  2. reward every completion o_i:
+       rule   r_i = verify(answer) ∈ {0, 1}
+       prm    r_i = total_i / (1 + α), total = mean_t R_φ(step t) + α·R_φ(trajectory) (rescaled to [0, 1])
+       mix    r_i = (1 − β)·rule_i + β·prm_i   (the paper's mix; β is not stated, its RL code puts 0.75)
+  3. group-normalised advantage Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), the same for all tokens;
+  4. μ optimisation passes, each one AdamW step, on
+       J = mean over completion tokens of  min(ρ_it Â_it, clip(ρ_it, 1 − ε, 1 + ε_high) Â_it) − β_KL·D_it
+       ρ_it = π_θ(o_it | ·) / π_old(o_it | ·),  D_it = π_ref/π_θ − log(π_ref/π_θ) − 1  (the k3 estimator,
+       unbiased and ≥ 0) against the frozen starting policy π_ref.
+
+Known variants, one flag each:
+  --scale_std=false     Dr. GRPO: Â_i = r_i − mean, no division by the group std (no bias towards easy/hard groups)
+  --loss_agg=sequence   GRPO's 1/G Σ_i 1/|o_i| Σ_t (each completion weighs the same); token (default): 1/Σ|o_i| Σ_i Σ_t
+  --clip_high=0.28      DAPO clip-higher: a wider upper clip lets unlikely tokens grow (keeps entropy up)
+  --process=true        process supervision (DeepSeekMath §4.1.3, beyond the paper): the PRM's per-step scores,
+                        normalised over the group, summed as a reward-to-go into each token's advantage
+
+Pitfall: with μ = 1 (the default) π_old = π_θ, so the ratio is exactly 1, nothing is clipped, and
+the printed loss sits near zero (it is −mean Â plus a small KL term; with token averaging mean Â
+is not exactly 0). The gradient is the plain policy gradient all the same: watch reward and
+accuracy, not the loss.
+
+Where this departs from, or simplifies, GRPO and the paper:
+  * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
+  * π_ref is the starting policy and never updated; the PRM is frozen (no iterative RL);
+  * log-probs at the sampling temperature τ (as sampled), no top-k, dropout off throughout;
+  * the PRM term is total / (1 + α), so that it lies in [0, 1] like the rule reward (our choice);
+  * the PRM reads the completion decoded and split into lines (split_completion), as at test time;
+  * process supervision (ours, after DeepSeekMath): one reward per thinking line, read at the token
+    that ends it, plus α·R_φ(trajectory) at the last token; normalised over all steps of the group;
+    with reward=mix the token advantage is (1 − β)·Â_rule + β·(reward-to-go) (the paper has no such mix);
+  * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; held-out greedy accuracy is the metric.
+"""
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict, replace
+
+import torch
+import torch.nn.functional as F
+
+import task
+import sft
+from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_completions,
+                   load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, load_prm,
+                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+
+
+@dataclass
+class GRPOConfig:
+    out_dir: str = "out/grpo"
+    init: str = "out/policy/ckpt.pt"     # the starting policy, and the frozen reference π_ref
+    prm: str = "out/prm/ckpt.pt"         # ReasonFlux-PRM (read only when the reward needs it)
+    questions: str = "data/arith/rl_questions.jsonl"
+    test: str = "data/arith/test.jsonl"
+    tokenizer: str = DEFAULT_VOCAB
+    # reward
+    reward: str = "mix"                  # rule | prm | mix
+    beta: float = 0.75                   # weight of the PRM term in mix
+    process: bool = False                # process supervision from the PRM's step scores
+    # GRPO
+    max_steps: int = 150
+    questions_per_step: int = 8          # Q
+    group_size: int = 8                  # G completions per question
+    mu: int = 1                          # optimisation passes per rollout batch
+    clip_eps: float = 0.2
+    clip_high: float = 0.0               # upper clip ε_high; 0 = clip_eps (symmetric); DAPO: 0.28
+    kl_coef: float = 0.04
+    scale_std: bool = True               # False: Dr. GRPO
+    loss_agg: str = "token"              # token | sequence
+    temperature: float = 1.0
+    max_new_tokens: int = 128
+    # optimisation
+    lr: float = 1e-4
+    min_lr: float = 1e-4                 # = lr: constant after warmup
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 1337
+    # several runs: "rule,mix,mix@0.5,process" x seeds seed, seed+1, ...; prints mean ± std
+    variants: str = ""
+    seeds: int = 1
+    # evaluation, logging, checkpoints
+    eval_every: int = 25
+    eval_questions: int = 200            # greedy accuracy on the first test questions, during training
+    final_questions: int = 1000          # ... and at the start and the end
+    log_every: int = 5
+    sample_every: int = 25               # print a few sampled completions with their rewards
+    ckpt_every: int = 50
+    resume: bool = False
+    device: str = ""
+    smoke: bool = False
+
+
+SMOKE = dict(max_steps=4, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
+             eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
+
+
+# ----------------------------------------------------------------------------
+# advantages and the loss
+
+
+def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
+    """Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), groups contiguous (DeepSeekMath eq. 3's Â).
+
+    rewards (N,) with N = n_groups * group_size -> (N,). std is the unbiased one (as TRL);
+    scale_std=False is Dr. GRPO (no division). A group whose rewards are all equal gets 0.
+
+    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
+    [0.7070568..., -0.7070568..., 0.0, 0.0]
+    """
+    r = rewards.float().view(-1, group_size)                      # (n_groups, G)
+    a = r - r.mean(1, keepdim=True)
+    if scale_std:
+        a = a / (r.std(1, keepdim=True) + eps)
+    same = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)     # exactly 0, not rounding error / ε
+    return a.masked_fill(same, 0.0).view(-1)
+
+
+def process_advantages(step_rewards, step_pos, step_mask, group_size, T, scale_std=True, eps=1e-4):
+    """Process supervision (DeepSeekMath §4.1.3): Â_t = Σ_{j: pos_j ≥ t} r̃_j, r̃ = step rewards normalised over the group.
+
+    step_rewards, step_pos (B, S): the reward of step j and the token position that ends it;
+    step_mask (B, S) True at real steps. r̃_j = (r_j − mean(R)) / (std(R) + ε), R = every step
+    reward of the G completions of the question. Returns (B, T): the reward-to-go of each token.
+    """
+    B, S = step_rewards.shape
+    r = step_rewards.float().view(-1, group_size * S)              # (n_groups, G*S)
+    m = step_mask.view(-1, group_size * S).float()
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    mean = (r * m).sum(1, keepdim=True) / n
+    a = r - mean
+    if scale_std:
+        var = ((a * m) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
+        a = a / (var.sqrt() + eps)
+    same = r.masked_fill(m == 0, -math.inf).amax(1) == r.masked_fill(m == 0, math.inf).amin(1)
+    a = (a * m).masked_fill(same[:, None], 0.0).view(B, S)          # all steps equal: exactly 0
+    per_token = torch.zeros(B, T).scatter_add_(1, step_pos.clamp(0, T - 1), a)  # r̃_j at the step's last token
+    return per_token.flip(1).cumsum(1).flip(1)                      # reward-to-go: Σ over positions ≥ t
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.04,
+              clip_high=None, agg="token"):
+    """The clipped-ratio GRPO loss with a k3 KL penalty (DeepSeekMath eq. 3 and 4), to minimise.
+
+    logp, old_logp, ref_logp, mask (B, T): log-probs of the sampled tokens under π_θ, π_old, π_ref
+    and True at completion tokens; advantages (B,) per completion or (B, T) per token.
+    Per token: −[min(ρÂ, clip(ρ, 1 − ε, 1 + ε_high)Â) − β_KL·(e^{ref−logp} − (ref − logp) − 1)].
+    agg="token": mean over all completion tokens of the batch; "sequence": mean per completion, then
+    over completions. ref_logp may be None when kl_coef = 0.
+    Returns (loss, stats) with stats detached 0-dim tensors: pg, kl, clip_frac, ratio.
+    """
+    mask = mask.float()
+    adv = advantages[:, None] if advantages.dim() == 1 else advantages   # (B, 1) or (B, T)
+    hi = clip_eps if clip_high is None else clip_high
+    ratio = torch.exp(logp - old_logp)
+    surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + hi) * adv)
+    if ref_logp is not None:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1                                     # k3: unbiased, ≥ 0
+    else:
+        kl = torch.zeros_like(logp)
+    per_token = -(surr - kl_coef * kl)
+
+    def mean(x):
+        if agg == "token":
+            return (x * mask).sum() / mask.sum().clamp(min=1)
+        if agg == "sequence":
+            return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        raise ValueError(f"agg must be 'token' or 'sequence', got {agg!r}")
+
+    loss = mean(per_token)
+    clipped = ((adv > 0) & (ratio > 1 + hi)) | ((adv < 0) & (ratio < 1 - clip_eps))
+    with torch.no_grad():
+        stats = {"pg": mean(-surr), "kl": mean(kl), "clip_frac": mean(clipped.float()), "ratio": mean(ratio)}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------
+# log-probs and one optimisation step
+
+
+def autocast_for(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def token_logprobs(model, X, Y, temperature, with_entropy=False):
+    """log π(Y_t | X_≤t) at the sampling temperature (B, T), and the entropy per position (detached) if asked.
+
+    The sampler drew from softmax(logits / τ), so the ratio and the KL must use the same distribution.
+    Positions with Y = −1 get log-prob 0 (masked out by the caller).
+    """
+    with autocast_for(X.device):
+        logits, _ = model(X)                                              # (B, T, V)
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, Y.clamp(min=0)[..., None]).squeeze(-1)     # (B, T)
+    logp = logp.masked_fill(Y < 0, 0.0)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            lp = logp_all.detach()
+            ent = -(lp.exp() * lp).sum(-1)                                # (B, T)
+    return logp, ent
+
+
+def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
+    """μ passes of the GRPO loss on one rollout batch, one optimiser step each; returns stats (tensors).
+
+    π_old is the policy that sampled the batch, i.e. the model before the first pass: its
+    log-probs are the first pass's, detached (no extra forward). With μ = 1 the ratio is 1.
+    """
+    mask = Y >= 0
+    ref_logp = None
+    if cfg.kl_coef > 0:
+        with torch.no_grad():
+            ref_logp, _ = token_logprobs(ref_model, X, Y, cfg.temperature)
+    for k in range(cfg.mu):
+        logp, ent = token_logprobs(model, X, Y, cfg.temperature, with_entropy=(k == 0))
+        if k == 0:
+            old_logp = logp.detach()
+            entropy = (ent * mask).sum() / mask.sum()
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg.clip_eps, cfg.kl_coef,
+                                cfg.clip_high or None, cfg.loss_agg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+    return {"loss": loss.detach(), "entropy": entropy, "grad_norm": gnorm, **stats}
+
+
+# ----------------------------------------------------------------------------
+# rewards
+
+
+def token_tables(tok, vocab_size):
+    """Per token id: does it contain a newline, is it blank (what split_completion drops)."""
+    newline = torch.zeros(vocab_size, dtype=torch.bool)
+    blank = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, tok.eot)):  # once: the ordinary tokens
+        s = tok.enc.decode([i], errors="replace")
+        newline[i], blank[i] = "\n" in s, not s.strip()
+    return newline, blank
+
+
+def thinking_step_ends(Y, tok, tables):
+    """(B, T) True at the token that ends each non-blank thinking line, as split_completion splits them.
+
+    A line ends at a newline token or at <|/think|>; a line with no visible character is not a
+    step (split_completion drops it). Y is a target tensor (−1 outside the completion).
+    """
+    newline, blank = tables
+    ids, mask = Y.clamp(min=0), Y >= 0
+    is_end_think = (Y == tok.end_think)
+    in_think = mask & (is_end_think.long().cumsum(1) - is_end_think.long() == 0)   # up to </think> included
+    brk = in_think & (newline[ids] | is_end_think)
+    content = (in_think & ~blank[ids] & ~is_end_think).long().cumsum(1)              # visible tokens so far
+    at_last_break = torch.where(brk, content, 0).cummax(1).values
+    before = F.pad(at_last_break[:, :-1], (1, 0))                                    # at the previous break
+    return brk & (content > before)
+
+
+def process_inputs(Y, scores, alpha, tok, tables):
+    """Step rewards, positions and mask (B, S+1) for process_advantages, from PRM scores of each row.
+
+    Thinking step j's score goes to the token ending line j (a line without an end, e.g. cut by
+    max_new_tokens, to the last token); α·R_φ(trajectory) to the last completion token.
+    """
+    B, T = Y.shape
+    S = max(1, max(len(s["step"]) for s in scores))
+    ar = torch.arange(T).expand(B, T)
+    last = torch.where(Y >= 0, ar, -1).max(1).values                     # (B,)
+    ends = thinking_step_ends(Y, tok, tables)
+    pos = torch.where(ends, ar, T).sort(1).values[:, :S]                 # first S line ends, T = none
+    if pos.size(1) < S:
+        pos = F.pad(pos, (0, S - pos.size(1)), value=T)
+    pos = torch.where(pos == T, last[:, None], pos)
+    r = torch.zeros(B, S)
+    n = torch.tensor([len(s["step"]) for s in scores])
+    for i, s in enumerate(scores):  # padding a ragged list once per step
+        r[i, :len(s["step"])] = torch.tensor(s["step"], dtype=torch.float)
+    traj = torch.tensor([alpha * s["trajectory"] for s in scores])
+    step_mask = torch.arange(S)[None] < n[:, None]
+    return (torch.cat([r, traj[:, None]], 1), torch.cat([pos, last[:, None]], 1),
+            torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
+
+
+def reward_batch(tok, comps, qs, prm, cfg):
+    """Rewards of completions of questions qs: {"rule" (B,), "prm" (B,) or None, "reward" (B,), "scores"}."""
+    records, rule = [], []
+    for c, q in zip(comps, qs):  # the verifier is a Python function per completion (an expert call)
+        thinking, response = split_completion(tok, c)
+        records.append({"question": q["question"], "thinking": thinking,
+                        "response": [l for l in response.split("\n") if l.strip()]})
+        rule.append(float(task.verify(response, q["answer"])))
+    rule = torch.tensor(rule)
+    out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
+    if cfg.reward in ("prm", "mix"):
+        scores = prm.score(records, batch_size=len(records))
+        prm_r = torch.tensor([s["total"] for s in scores]) / (1 + prm.alpha)   # [0, 1] like the rule reward
+        beta = 1.0 if cfg.reward == "prm" else cfg.beta
+        out.update(prm=prm_r, scores=scores, reward=(1 - beta) * rule + beta * prm_r)
+    elif cfg.reward != "rule":
+        raise ValueError(f"--reward must be rule, prm or mix; got {cfg.reward!r}")
+    return out
+
+
+def advantages_for(Y, rew, prm, tok, tables, cfg):
+    """Outcome advantages (B,), or with process supervision per-token advantages (B, T)."""
+    if not cfg.process:
+        return group_advantages(rew["reward"], cfg.group_size, cfg.scale_std)
+    if rew["scores"] is None:
+        raise ValueError("--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
+    r, pos, m = process_inputs(Y, rew["scores"], prm.alpha, tok, tables)
+    a_proc = process_advantages(r, pos, m, cfg.group_size, Y.size(1), cfg.scale_std)
+    beta = 1.0 if cfg.reward == "prm" else cfg.beta
+    a_rule = group_advantages(rew["rule"], cfg.group_size, cfg.scale_std)
+    return (1 - beta) * a_rule[:, None] + beta * a_proc
+
+
+# ----------------------------------------------------------------------------
+# the training loop
+
+
+def evaluate(model, tok, questions):
+    """Held-out greedy accuracy (sft.evaluate)."""
+    return sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+
+
+def show_samples(tok, qs, comps, rew, group_size, k=3):
+    """Print the first k completions of the first group with their rewards."""
+    print(f"  samples for Q: {qs[0]['question']}  (answer {qs[0]['answer']})")
+    for i in range(min(k, group_size)):
+        text = tok.enc.decode([t for t in comps[i] if t < tok.eot], errors="replace").replace("\n", " | ")
+        prm_s = f" prm {float(rew['prm'][i]):.2f}" if rew["prm"] is not None else ""
+        print(f"    reward {float(rew['reward'][i]):.2f} (rule {int(rew['rule'][i])}{prm_s}): {text[:150]}")
+
+
+def rollout(model, tok, questions, cfg, step, device):
+    """Q questions and G completions of each (one batched KV-cache generation), seeded by step.
+
+    A resumed run draws the same questions and samples. Returns (questions, prompts, completions),
+    each question repeated G times, groups contiguous.
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    qs = [questions[i] for i in torch.randperm(len(questions), generator=g)[:cfg.questions_per_step].tolist()]
+    qs = [q for q in qs for _ in range(cfg.group_size)]
+    prompts = [encode_prompt(tok, q["question"]) for q in qs]
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+    comps = generate_completions(model, tok, prompts, cfg.temperature, cfg.max_new_tokens,
+                                 batch_size=len(prompts), generator=gen)
+    return qs, prompts, comps
+
+
+def frac_equal_groups(rewards, group_size):
+    """The share of groups whose rewards are all equal: they give zero advantage, no learning signal."""
+    r = rewards.view(-1, group_size)
+    return float(((r.amax(1) - r.amin(1)) < 1e-6).float().mean())
+
+
+def log_row(step, rew, comps, stats, group_size, lr):
+    """The numbers people debug GRPO with, as one metrics.jsonl row."""
+    r = rew["reward"]
+    return {"step": step, "reward": float(r.mean()), "reward_std": float(r.std()),
+            "rule": float(rew["rule"].mean()),
+            "prm": float(rew["prm"].mean()) if rew["prm"] is not None else None,
+            "equal_groups": frac_equal_groups(r, group_size),
+            "equal_rule_groups": frac_equal_groups(rew["rule"], group_size),
+            "length": sum(map(len, comps)) / len(comps), "lr": lr,
+            **{k: float(v) for k, v in stats.items()}}
+
+
+def format_row(row, max_steps, rate):
+    return (f"step {row['step']:4d}/{max_steps} | reward {row['reward']:.3f}±{row['reward_std']:.2f} | "
+            f"rule {row['rule']:.2f} | equal groups {row['equal_groups']:.0%} (rule {row['equal_rule_groups']:.0%}) | "
+            f"len {row['length']:.0f} | kl {row['kl']:.4f} | ent {row['entropy']:.2f} | clip {row['clip_frac']:.1%} | "
+            f"gnorm {row['grad_norm']:.2f} | loss {row['loss']:+.4f} | {rate:.2f}s/step | "
+            f"eta {format_eta(rate * (max_steps - row['step']))}")
+
+
+def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
+    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+    model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
+    ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
+    optimizer = sft.make_optimizer(model, cfg, device)
+    tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
+    final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
+
+    start, history = 0, []
+    if cfg.resume and os.path.exists(ckpt_path):
+        ck = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
+        model.load_state_dict(model_from_checkpoint(ck, device).state_dict())
+        optimizer.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        old = read_jsonl(metrics_path, ()) if os.path.exists(metrics_path) else []
+        history = [r for r in old if r["step"] <= start]   # rows logged after the checkpoint are replayed
+        print(f"resuming from {ckpt_path} at step {start}")
+    with open(metrics_path, "w") as f:   # a fresh run starts a fresh log; a resumed one keeps steps before it
+        f.writelines(json.dumps(r) + "\n" for r in history)
+
+    def log_metrics(row):
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    same_sets = eval_qs == final_qs   # then one evaluation serves both the curve and the table
+    if start_eval is None:
+        start_eval = evaluate(ref_model, tok, final_qs)
+    if start == 0:
+        log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else evaluate(model, tok, eval_qs)["acc"]})
+
+    t0 = time.time()
+    for step in range(start, cfg.max_steps):
+        lr = sft.get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective
+        qs, prompts, comps = rollout(model, tok, questions, cfg, step, device)
+        rew = reward_batch(tok, comps, qs, prm, cfg)
+        X, Y = sft.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
+        adv = advantages_for(Y, rew, prm, tok, tables, cfg)
+        stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
+
+        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            row = log_row(step + 1, rew, comps, stats, cfg.group_size, lr)
+            log_metrics(row)
+            print(format_row(row, cfg.max_steps, (time.time() - t0) / (step + 1 - start)))
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            show_samples(tok, qs, comps, rew, cfg.group_size)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
+            acc = evaluate(model, tok, eval_qs)["acc"]
+            log_metrics({"step": step + 1, "test_acc": acc})
+            print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, greedy)")
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
+            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
+                                                       optimizer=optimizer.state_dict(), step=step + 1))
+
+    final = evaluate(model, tok, final_qs)
+    if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
+        log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else evaluate(model, tok, eval_qs)["acc"]})
+    print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
+          f"({len(final_qs)} questions, greedy), {time.time() - t0:.0f}s")
+    result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
+              "seconds": time.time() - t0, "config": asdict(cfg)}
+    write_json_atomic(os.path.join(cfg.out_dir, "results.json"), result)
+    if save_figure({variant_name(cfg): [history]}, os.path.join(cfg.out_dir, "grpo.png")):
+        print(f"figure: {cfg.out_dir}/grpo.png")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# several variants and seeds, a table, a figure
+
+
+def variant_name(cfg):
+    name = cfg.reward + ("+process" if cfg.process else "")
+    return name + (f" β={cfg.beta:g}" if cfg.reward == "mix" else "")
+
+
+def parse_variant(spec, cfg):
+    """'rule' | 'prm' | 'mix' | 'mix@0.5' | 'process' | 'process@0.5' -> a config with those settings."""
+    name, _, beta = spec.strip().partition("@")
+    if name not in ("rule", "prm", "mix", "process"):
+        raise ValueError(f"unknown variant {spec!r}: expected rule, prm, mix[@β] or process[@β]")
+    over = {"reward": "mix" if name == "process" else name, "process": name == "process"}
+    if beta:
+        over["beta"] = float(beta)
+    return replace(cfg, **over)
+
+
+def summarise(results):
+    """{variant: {"final": (mean, std), "start", "n", "reward", "kl", "seconds"}} over seeds."""
+    def mean_std(xs):
+        m = sum(xs) / len(xs)
+        return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    table = {}
+    for res in results:
+        table.setdefault(res["variant"], []).append(res)
+    return {v: {"final": mean_std([r["final"]["acc"] for r in rs]), "start": rs[0]["start"]["acc"],
+                "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                "finals": [r["final"]["acc"] for r in rs]} for v, rs in table.items()}
+
+
+def format_table(summary, n_questions):
+    """Held-out accuracy per variant, mean ± std over seeds (as printed and in out/results.md)."""
+    lines = []
+    lines.append(f"\nGRPO: held-out greedy accuracy on {n_questions} questions, mean ± std over seeds")
+    lines.append(f"{'variant':<22}{'start':>8}{'final':>16}{'change':>9}{'seeds':>7}{'s/run':>7}   per seed")
+    for v, s in summary.items():
+        m, sd = s["final"]
+        lines.append(f"{v:<22}{s['start']:>8.1%}{100 * m:>10.1f} ± {100 * sd:<4.1f}{100 * (m - s['start']):>+8.1f}"
+                     f"{s['n']:>7}{s['seconds']:>7.0f}   " + " ".join(f"{100 * x:.1f}" for x in s["finals"]))
+    return "\n".join(lines)
+
+
+def save_figure(histories, path):
+    """Reward, KL and test accuracy against step, one line per variant (mean over seeds); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
+    for name, runs in histories.items():
+        for ax, key in zip(axes, ("reward", "rule", "kl", "test_acc")):
+            curves = [[(r["step"], r[key]) for r in h if r.get(key) is not None] for h in runs]
+            n = min(len(c) for c in curves)
+            if n:
+                xs = [p[0] for p in curves[0][:n]]
+                ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
+                ax.plot(xs, ys, label=name)
+    for ax, title in zip(axes, ("reward (mean)", "sampled accuracy (rule reward)", "KL to π_ref (k3)",
+                                "held-out greedy accuracy")):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+def main(argv=None):
+    cfg = parse_config(GRPOConfig, argv, {"smoke": SMOKE}, __doc__)
+    print_config(cfg)
+    assert cfg.temperature > 0, "GRPO samples: --temperature must be > 0"
+    device = pick_device(cfg.device)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    questions = read_jsonl(cfg.questions, ("question", "answer"))
+    test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
+    specs = [s for s in cfg.variants.split(",") if s.strip()]
+    runs = [parse_variant(s, cfg) for s in specs] if specs else [cfg]
+    prm = None
+    if any(r.reward in ("prm", "mix") for r in runs):
+        if not os.path.exists(cfg.prm):
+            raise FileNotFoundError(f"no PRM at {cfg.prm!r}: train it with train_prm.py, or use --reward=rule")
+        prm = load_prm(cfg.prm, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not specs and cfg.seeds == 1:   # one run, straight into out_dir
+        torch.manual_seed(cfg.seed)
+        return train_run(cfg, tok, questions, test, prm, device=device)
+
+    # several runs: out_dir/<variant>/seed<k>/, the starting policy evaluated once
+    start_eval = evaluate(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
+                          tok, test[:cfg.final_questions])
+    print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
+    results, histories = [], {}
+    for run in runs:
+        for k in range(cfg.seeds):
+            name = variant_name(run).replace(" β=", "_b").replace("+", "_")
+            rcfg = replace(run, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}"),
+                           variants="", seeds=1)
+            print(f"=== {variant_name(rcfg)}, seed {rcfg.seed} ===")
+            torch.manual_seed(rcfg.seed)
+            res = train_run(rcfg, tok, questions, test, prm, start_eval, device)
+            results.append(res)
+            histories.setdefault(res["variant"], []).append(read_jsonl(os.path.join(rcfg.out_dir, "metrics.jsonl"), ()))
+    summary = summarise(results)
+    print(format_table(summary, len(test[:cfg.final_questions])))
+    write_json_atomic(os.path.join(cfg.out_dir, "results.json"),
+                      {"summary": summary, "runs": results, "config": asdict(cfg)})
+    if save_figure(histories, os.path.join(cfg.out_dir, "grpo.png")):
+        print(f"figure: {cfg.out_dir}/grpo.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

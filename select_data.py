@@ -1,0 +1,443 @@
+"""
+Offline data selection: score the distilled pool with the PRMs, keep the top-K, train students.
+
+    python select_data.py                                  # ~7 minutes on a 2-core CPU
+    python select_data.py --k=500 --seeds=5
+    python select_data.py --selectors=random,rf_total,oracle --budget_tokens=300000
+
+Reproduces the paper's first use of the PRM (DESIGN §5, its Table "offline data selection"):
+every record of the pool is scored, the K best are kept, a student is fine-tuned on them,
+and its accuracy on held-out questions says how good the selection was. Selectors:
+
+  random              K records drawn at random
+  outcome filter      records whose final answer is right (the answer key), then K at random
+  response-only PRM   top-K by the baseline PRM's total (trained on final responses, MC labels)
+  ReasonFlux-PRM      top-K by total = mean(step) + α·trajectory (α from the checkpoint, 1)
+  ReasonFlux step     top-K by mean(step) alone (α = 0): what the trajectory reward adds
+  oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
+                      evaluation only; it is the only selector that reads `meta`
+
+Protocol. One row per seed: in row s, every selector's student starts from the same base
+checkpoint (--init), trains with seed s (batch order) and, for the random selectors, also
+selects with seed s. Every student sees the same number of target tokens: sft.train draws
+the batch of step t from (seed, t) alone, so the tokens of each step are known before
+training, and a student trains for the fewest steps whose batches hold --budget_tokens
+(selected sets differ in length, so equal steps would not be equal tokens; the counts then
+agree within one batch, and the run checks that training saw exactly the planned count).
+Accuracy is greedy, on the same held-out questions for every student (sft.evaluate).
+Top-K is exact and deterministic: a stable sort by (-score, pool index), so ties go to the
+record that comes first in the pool. The selectors other than the oracle see the records
+with `meta` removed; the flaw-type composition table reads `meta` only to explain results.
+
+Why K = 1,000 (5% of the 20,000-record pool) and 150k tokens per student: K in the paper's
+range (it keeps 1k of 59k), small enough that the top of the ranking is far purer than the
+pool (a random record is good only half the time), large enough that the selected sets
+still cover 2- and 3-operation questions. 150k tokens is ~2.5 passes over K records
+(~60 target tokens each) and ~15 s of training per student at ~10k tokens/s, so that 6
+selectors x 3 seeds, plus scoring 20,000 records twice, fit in 8 minutes; several passes
+over a small set are where flawed records hurt most, so the differences are measurable.
+
+Where this departs from the paper:
+  * the students are the course's 0.8M-parameter GPT, started from the base model of
+    sft.py --pretrain, trained for seconds on K = 1,000 records, not Qwen2.5 on 1k of 59k;
+  * the baselines are our own PRMs (train_prm.py --labels=mc, the response-only PRM), the
+    answer key (outcome filter) and random, not released PRMs or human curation (s1k);
+  * budgets are matched in target tokens (ours): the paper matches the number of samples;
+  * several seeds and a std per selector, the step-only row and the oracle are our additions.
+"""
+
+import hashlib
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+
+import sft
+import task
+from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm, pick_device,
+                   parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+
+
+@dataclass
+class SelectConfig:
+    out_dir: str = "out/select"
+    data: str = "data/arith/pool.jsonl"
+    test: str = "data/arith/test.jsonl"
+    tokenizer: str = DEFAULT_VOCAB
+    init: str = "out/base/ckpt.pt"                   # every student starts from this checkpoint
+    prm: str = "out/prm/ckpt.pt"                     # ReasonFlux-PRM
+    prm_response: str = "out/prm_response/ckpt.pt"   # response-only PRM (train_prm.py --labels=mc)
+    selectors: str = "random,outcome,response_prm,rf_total,rf_step,oracle"
+    k: int = 1000                  # records kept per selector (5% of the pool, see the docstring)
+    seeds: int = 3                 # rows: seeds seed, seed + 1, ...
+    seed: int = 1337
+    # the student's budget: identical for every selector
+    budget_tokens: int = 150_000   # target tokens each student sees (~15 s on a 2-core CPU)
+    batch_size: int = 8            # small batches learn more per token (sft.py)
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 30
+    eval_questions: int = 500      # held-out questions, the same for every student
+    score_batch_size: int = 256    # PRM scoring batch
+    cache_dir: str = ""            # pool scores, keyed by pool and checkpoint bytes ("" = out_dir)
+    device: str = ""
+    smoke: bool = False
+
+
+SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16, score_batch_size=64)
+
+# option key -> name in the tables; "oracle" is the only selector given the hidden meta
+SELECTORS = {
+    "random": "random",
+    "outcome": "outcome filter",
+    "response_prm": "response-only PRM",
+    "rf_total": "ReasonFlux-PRM",
+    "rf_step": "ReasonFlux step (α=0)",
+    "oracle": "oracle: clean (upper bound)",
+}
+HEADLINE = "rf_total"
+
+
+# ----------------------------------------------------------------------------
+# selection: exact top-K and the selectors
+
+
+def need(n_have, k, what="pool"):
+    """A set with fewer candidates than K is an error, never a silently smaller selection."""
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got K={k}")
+    if n_have < k:
+        raise ValueError(f"cannot select K={k} records: the {what} has only {n_have} "
+                         f"(lower --k or use a larger pool)")
+
+
+def top_k(scores, k):
+    """Indices of the k highest scores, best first; ties go to the lower index (exact and stable).
+
+    >>> top_k([0.2, 0.9, 0.5, 0.9], 3)
+    [1, 3, 2]
+    """
+    need(len(scores), k)
+    bad = next((i for i, s in enumerate(scores) if s != s), None)
+    if bad is not None:  # a NaN compares false with everything and would land anywhere
+        raise ValueError(f"score of record {bad} is NaN")
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def answer_right(record):
+    """The outcome filter's test: does the response end with the right 'Answer: N' (answer key)?"""
+    return task.verify("\n".join(record["response"]), record["answer"])
+
+
+def random_k(candidates, k, seed, what):
+    """K of the candidate indices, drawn at random with `seed` (ValueError when too few)."""
+    need(len(candidates), k, what)
+    return random.Random(seed).sample(candidates, k)
+
+
+def select(key, records, scores, k, seed, hidden_meta=None):
+    """Pool indices of the K records that selector `key` keeps.
+
+    records carry no `meta`; scores {"rf_total", "rf_step", "response_prm": [float]}; only the
+    oracle receives hidden_meta. Random selectors draw with `seed`, top-K selectors ignore it.
+    """
+    if key == "random":
+        return random_k(list(range(len(records))), k, seed, "pool")
+    if key == "outcome":
+        right = [i for i, r in enumerate(records) if answer_right(r)]
+        return random_k(right, k, seed, "set of records with a right final answer")
+    if key in ("response_prm", "rf_total", "rf_step"):
+        return top_k(scores[key], k)
+    if key == "oracle":
+        clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
+        return random_k(clean, k, seed, "set of clean records (hidden meta)")
+    raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+
+
+# ----------------------------------------------------------------------------
+# scoring the pool
+
+
+def file_digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def score_pool(path, records, batch_size, device, name):
+    """[(mean step score, total)] of every record under the PRM at `path`, batched, with ETA.
+
+    Records are scored in order of length (little padding per batch), in chunks for progress.
+    """
+    prm = load_prm(path, device)
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["thinking"]) + len(records[i]["response"]))
+    out, t0, chunk = [None] * len(records), time.time(), 16 * batch_size
+    for j in range(0, len(order), chunk):
+        part = order[j:j + chunk]
+        for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
+            out[i] = (sum(s["step"]) / len(s["step"]) if s["step"] else 0.0, s["total"])
+        done = min(len(order), j + chunk)
+        print(f"scoring with {name}: {done:,}/{len(order):,} records | "
+              f"eta {format_eta((time.time() - t0) / done * (len(order) - done))}")
+    return out
+
+
+def cached_scores(path, records, cfg, device, name):
+    """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
+    key = f"{file_digest(cfg.data)}-{file_digest(path)}"
+    cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"scores-{key}.pt")
+    if os.path.exists(cache):
+        print(f"scoring with {name}: reusing {cache}")
+        return [tuple(x) for x in torch.load(cache, weights_only=True).tolist()]
+    out = score_pool(path, records, cfg.score_batch_size, device, name)
+    save_checkpoint(cache, torch.tensor(out, dtype=torch.float64))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# students under an identical token budget
+
+
+def student_config(cfg, seed, max_steps, device):
+    """The SFT config of a student: same init and optimiser for all; only seed and steps vary."""
+    return sft.SFTConfig(init=cfg.init, tokenizer=cfg.tokenizer, max_steps=max_steps,
+                         batch_size=cfg.batch_size, lr=cfg.lr, min_lr=cfg.min_lr,
+                         warmup_steps=cfg.warmup_steps, template_frac=0.0, seed=seed,
+                         eval_questions=0, log_every=10 ** 9, device=device)
+
+
+def batch_tokens(records, tok, block_size, batch_size, seed):
+    """The target tokens of each batch sft.train will draw on `records`, step after step (a generator).
+
+    sft.train packs the records as below and draws the batch of step t from (seed, t) alone
+    (sft.batch_indices), so every step's tokens are known before training.
+    """
+    X, Y = sft.pack(sft.build_examples(records, tok), block_size, tok.eot)
+    n_targets = (Y != -1).sum(1)                                   # (N,) target tokens per example
+    order = torch.argsort(sft.target_lengths(Y), stable=True)     # as sft.train orders them
+    step = 0
+    while True:
+        yield int(n_targets[sft.batch_indices(step, order, batch_size, seed)].sum())
+        step += 1
+
+
+def plan_steps(records, tok, block_size, budget, batch_size, seed):
+    """(steps, target tokens) of the shortest run of sft.train on `records` that sees >= budget tokens.
+
+    Students on sets of different lengths then see the same budget within one batch.
+    """
+    steps, tokens = 0, 0
+    for t in batch_tokens(records, tok, block_size, batch_size, seed):
+        if tokens >= budget:
+            break
+        steps, tokens = steps + 1, tokens + t
+    return steps, tokens
+
+
+def evaluate_init(cfg, tok, questions, device):
+    """Greedy accuracy of the checkpoint every student starts from: the reference line of the table."""
+    model = model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device)
+    return sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+
+
+def train_student(records, cfg, tok, block_size, seed, device, questions):
+    """Train one student on `records` under the token budget, evaluate it on `questions` (greedy)."""
+    steps, planned = plan_steps(records, tok, block_size, cfg.budget_tokens, cfg.batch_size, seed)
+    t0 = time.time()
+    model, info = sft.train_policy(records, student_config(cfg, seed, steps, device), device, log=lambda s: None)
+    if info["tokens"] != planned:  # the budget is the point of the comparison: never let it drift
+        raise RuntimeError(f"student saw {info['tokens']} target tokens, planned {planned}")
+    train_s = time.time() - t0
+    res = sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+    return {"seed": seed, "acc": res["acc"], "by_ops": res["by_ops"], "tokens": info["tokens"],
+            "steps": steps, "loss": info["loss"], "train_seconds": train_s,
+            "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------
+# report: composition, table, figure, checks
+
+
+def composition(indices, hidden_meta):
+    """Share of each flaw type (and of good trajectories) in a selected set (hidden meta)."""
+    flaws = [hidden_meta[i]["flaw"] for i in indices]
+    out = {f: flaws.count(f) / len(flaws) for f in task.FLAWS}
+    out["good"] = sum(hidden_meta[i]["good"] for i in indices) / len(flaws)
+    out["3 ops"] = sum(hidden_meta[i]["n_ops"] >= 3 for i in indices) / len(flaws)
+    return out
+
+
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(rows):
+    """Per selector: accuracy mean ± std over seeds, by n_ops, tokens, mean composition."""
+    out = {}
+    for key, runs in rows.items():
+        m, s = mean_std([r["acc"] for r in runs])
+        ops = sorted({n for r in runs for n in r["by_ops"]})
+        out[key] = {"name": SELECTORS[key], "upper_bound": key == "oracle",
+                    "acc_mean": m, "acc_std": s, "accs": [r["acc"] for r in runs],
+                    "by_ops_mean": {n: statistics.fmean(r["by_ops"][n] for r in runs) for n in ops},
+                    "tokens": [r["tokens"] for r in runs], "steps": [r["steps"] for r in runs],
+                    "composition": {f: statistics.fmean(r["composition"][f] for r in runs)
+                                    for f in runs[0]["composition"]},
+                    "runs": runs}
+    return out
+
+
+def format_tables(summary, cfg, n_pool, pool_comp, start):
+    """The accuracy table (mean ± std over seeds, by n_ops, budget) and the composition table."""
+    lines = []
+    ops = sorted({n for s in summary.values() for n in s["by_ops_mean"]})
+    lines.append(f"\noffline data selection: top K={cfg.k:,} of {n_pool:,} records; each student trained on "
+          f"{cfg.budget_tokens:,} target tokens from {cfg.init}; greedy accuracy on "
+          f"{cfg.eval_questions} held-out questions, mean ± std over {cfg.seeds} seeds")
+    lines.append(f"{'selector':<30}{'accuracy':>15}" + "".join(f"{str(n) + ' ops':>9}" for n in ops) +
+          f"{'tokens seen':>20}{'steps':>12}")
+    lines.append(f"{'start: --init, no training':<30}{100 * start['acc']:>8.1f}{'':7}" +
+          "".join(f"{100 * start['by_ops'].get(n, float('nan')):>9.1f}" for n in ops) + f"{0:>20}{0:>12}")
+    for s in summary.values():
+        tok = f"{min(s['tokens']):,}-{max(s['tokens']):,}"
+        steps = f"{min(s['steps'])}-{max(s['steps'])}"
+        lines.append(f"{s['name']:<30}{100 * s['acc_mean']:>8.1f} ± {100 * s['acc_std']:<4.1f}" +
+              "".join(f"{100 * s['by_ops_mean'][n]:>9.1f}" for n in ops) + f"{tok:>20}{steps:>12}")
+    lines.append(f"\nflaw-type composition of the selected sets (%, hidden meta, read for this table only)")
+    cols = list(pool_comp)
+    short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
+    lines.append(f"{'selector':<30}" + "".join(f"{short.get(c, c):>10}" for c in cols))
+    for name, comp in [("pool", pool_comp)] + [(s["name"], s["composition"]) for s in summary.values()]:
+        lines.append(f"{name:<30}" + "".join(f"{100 * comp[c]:>10.1f}" for c in cols))
+    return "\n".join(lines)
+
+
+def text_bars(summary, width=40):
+    """Accuracy per selector as text bars, with ± std."""
+    top = max(s["acc_mean"] + s["acc_std"] for s in summary.values()) or 1.0
+    return "\n".join(f"{s['name']:<30}|{'#' * round(s['acc_mean'] / top * width):<{width}}| "
+                     f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f}" for s in summary.values())
+
+
+def save_figure(summary, path):
+    """Bar chart of accuracy (mean ± std over seeds) per selector; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [s["name"] for s in summary.values()]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    colors = ["0.7" if s["upper_bound"] else "C0" for s in summary.values()]
+    ax.bar(range(len(names)), [100 * s["acc_mean"] for s in summary.values()],
+           yerr=[100 * s["acc_std"] for s in summary.values()], color=colors, capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("greedy accuracy (%)")
+    ax.set_title("students trained on each selector's top-K (grey: upper bound)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+def checks(summary):
+    """The claims of this stage: ReasonFlux-PRM's students beat random by >= 5 points, and the
+    outcome filter and the response-only PRM, as means over seeds."""
+    out = {}
+    if HEADLINE not in summary:
+        return out
+    rf = summary[HEADLINE]
+    for key, margin in (("random", 0.05), ("outcome", 0.0), ("response_prm", 0.0)):
+        if key in summary:
+            d = rf["acc_mean"] - summary[key]["acc_mean"]
+            out[f"rf_above_{key}" + ("_by_5_points" if margin else "")] = d >= margin if margin else d > 0
+            print(f"ReasonFlux-PRM minus {summary[key]['name']}: {100 * d:+.1f} points "
+                  f"(std {100 * rf['acc_std']:.1f} and {100 * summary[key]['acc_std']:.1f})")
+    print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out.items()))
+    return out
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(SelectConfig, argv, {"smoke": SMOKE}, __doc__)
+    print_config(cfg)
+    keys = [k.strip() for k in cfg.selectors.split(",") if k.strip()]
+    for key in keys:
+        if key not in SELECTORS:
+            raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+    t0 = time.time()
+    pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
+    need(len(pool), cfg.k)  # before any scoring or training
+    hidden_meta = [r["meta"] for r in pool]
+    records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
+    prm_paths = {"rf": cfg.prm} if {"rf_total", "rf_step"} & set(keys) else {}
+    if "response_prm" in keys:
+        prm_paths["response"] = cfg.prm_response
+    for name, p in prm_paths.items():  # fail now, not after minutes of work
+        if not os.path.exists(p):
+            opt = "prm" if name == "rf" else "prm_response"
+            raise FileNotFoundError(f"no PRM checkpoint at {p!r}: train it with train_prm.py, or point --{opt} at it")
+    device = pick_device(cfg.device)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    block_size = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)["model_args"]["block_size"]
+    questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    scores = {}
+    if "rf" in prm_paths:
+        rf = cached_scores(cfg.prm, records, cfg, device, "ReasonFlux-PRM")
+        scores["rf_step"], scores["rf_total"] = [s for s, _ in rf], [t for _, t in rf]
+    if "response" in prm_paths:
+        scores["response_prm"] = [t for _, t in cached_scores(cfg.prm_response, records, cfg, device, "response-only PRM")]
+    t_score = time.time() - t0
+
+    start = evaluate_init(cfg, tok, questions, device)
+    print(sft.format_accuracy("start (no training)", start))
+    seeds = [cfg.seed + r for r in range(cfg.seeds)]
+    rows, n_done, n_all, t_train = {k: [] for k in keys}, 0, len(keys) * len(seeds), time.time()
+    for seed in seeds:        # row by row, so that an interrupted run has whole rows
+        for key in keys:
+            idx = select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None)
+            run = train_student([records[i] for i in idx], cfg, tok, block_size, seed, device, questions)
+            run["composition"] = composition(idx, hidden_meta)
+            run["selected"] = idx  # pool indices, best first for the top-K selectors
+            rows[key].append(run)
+            n_done += 1
+            eta = (time.time() - t_train) / n_done * (n_all - n_done)
+            print(f"student {n_done:2d}/{n_all} | {SELECTORS[key]:<28} seed {seed} | {run['steps']} steps, "
+                  f"{run['tokens']:,} tokens, loss {run['loss']:.3f} | acc {100 * run['acc']:5.1f}% | "
+                  f"{run['seconds']:.0f}s | eta {format_eta(eta)}")
+    tokens = [r["tokens"] for runs in rows.values() for r in runs]
+    print(f"token budget: every student saw {min(tokens):,}-{max(tokens):,} target tokens "
+          f"(budget {cfg.budget_tokens:,}: each trains the fewest steps that reach it)")
+
+    summary = summarise(rows)
+    pool_comp = composition(range(len(pool)), hidden_meta)
+    print(format_tables(summary, cfg, len(pool), pool_comp, start))
+    verdict = checks(summary)
+    png = os.path.join(cfg.out_dir, "select.png")
+    if save_figure(summary, png):
+        print(f"figure: {png}")
+    else:
+        print(f"\n{text_bars(summary)}")
+    seconds = {"scoring": t_score, "students": time.time() - t_train, "total": time.time() - t0}
+    results = {"summary": summary, "start": start, "checks": verdict, "k": cfg.k, "pool_size": len(pool),
+               "pool_composition": pool_comp, "seeds": seeds, "seconds": seconds,
+               "config": asdict(cfg)}
+    write_json_atomic(os.path.join(cfg.out_dir, "results.json"), results)
+    print(f"results: {cfg.out_dir}/results.json (scoring {t_score:.0f}s, total {seconds['total']:.0f}s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""grpo.py: advantages and the loss against hand-computed values, μ = 1, process supervision, toy and smoke runs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from rfprm import GPT, GPTConfig, Tok, load_tokenizer, encode_completion, split_completion
+import grpo
+import sft
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.])
+    # group 1: mean 1/4, unbiased std sqrt((9/16 + 3/16) / 3) = 1/2; group 2: mean 1/2, std sqrt(1/3)
+    want = [1.5, -0.5, -0.5, -0.5] + [0.5 / math.sqrt(1 / 3)] * 2 + [-0.5 / math.sqrt(1 / 3)] * 2
+    assert grpo.group_advantages(r, 4).tolist() == pytest.approx(want, rel=1e-3)
+    # Dr. GRPO: no division by the std
+    assert grpo.group_advantages(r, 4, scale_std=False).tolist() == pytest.approx([.75, -.25, -.25, -.25, .5, .5, -.5, -.5])
+    # groups are contiguous: the same rewards grouped by 2 give other advantages
+    assert grpo.group_advantages(r, 2).tolist()[2:4] == [0.0, 0.0]
+
+
+def test_equal_rewards_give_zero_advantage_and_no_nan():
+    r = torch.tensor([0.3] * 4 + [1.0] * 4 + [0.0] * 4)
+    for scale in (True, False):
+        a = grpo.group_advantages(r, 4, scale_std=scale)
+        assert torch.isfinite(a).all() and (a == 0).all()
+    # process supervision: equal step rewards in a group -> zero reward-to-go everywhere
+    steps = torch.full((4, 3), 0.6)
+    a = grpo.process_advantages(steps, torch.tensor([[1, 3, 5]] * 4), torch.ones(4, 3, dtype=torch.bool), 2, 6)
+    assert torch.isfinite(a).all() and (a == 0).all()
+    # and the loss of a batch with zero advantages and no KL is finite and exactly 0
+    logp = torch.log(torch.rand(3, 5) * 0.9 + 0.05)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(3), torch.ones(3, 5))
+    assert torch.isfinite(loss) and float(loss) == 0.0
+
+
+def k3(ratio):
+    """KL k3 with π_ref = π_old and ratio = π_θ/π_old: π_ref/π_θ − log(π_ref/π_θ) − 1."""
+    return 1 / ratio + math.log(ratio) - 1
+
+
+def loss_case():
+    ratios = torch.tensor([[1.5, 0.5, 1.1], [1.5, 0.5, 1.1]])
+    logp = torch.log(ratios).requires_grad_()
+    old = torch.zeros(2, 3)          # ratio = exp(logp − old)
+    ref = torch.zeros(2, 3)          # π_ref = π_old
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    return logp, old, ref, adv, mask
+
+
+def test_grpo_loss_hand_computed_clipped_branch_and_kl():
+    logp, old, ref, adv, mask = loss_case()
+    c = 0.1
+    # A = +1: min(1.5, clip 1.2) = 1.2 (clipped), min(0.5, 0.8) = 0.5, 1.1
+    # A = −1: min(−1.5, −1.2) = −1.5, min(−0.5, −0.8) = −0.8 (clipped), third token masked
+    row0 = [-(1.2 - c * k3(1.5)), -(0.5 - c * k3(0.5)), -(1.1 - c * k3(1.1))]
+    row1 = [-(-1.5 - c * k3(1.5)), -(-0.8 - c * k3(0.5))]
+    loss, stats = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c)
+    assert float(loss.detach()) == pytest.approx((sum(row0) + sum(row1)) / 5, rel=1e-5)
+    assert float(stats["kl"]) == pytest.approx((2 * k3(1.5) + 2 * k3(0.5) + k3(1.1)) / 5, rel=1e-5)
+    assert float(stats["clip_frac"]) == pytest.approx(2 / 5)
+    seq, _ = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c, agg="sequence")
+    assert float(seq.detach()) == pytest.approx((sum(row0) / 3 + sum(row1) / 2) / 2, rel=1e-5)
+    # DAPO clip-higher: ε_high = 0.6 no longer clips ratio 1.5 for A > 0; the lower side is unchanged
+    hi, stats_hi = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.0, clip_high=0.6)
+    assert float(hi.detach()) == pytest.approx(-(1.5 + 0.5 + 1.1 - 1.5 - 0.8) / 5, rel=1e-5)
+    assert float(stats_hi["clip_frac"]) == pytest.approx(1 / 5)
+    # gradient: zero on clipped tokens and masked tokens, −A·ratio/N elsewhere (no KL)
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, kl_coef=0.0)
+    loss.backward()
+    want = torch.tensor([[0.0, -0.5, -1.1], [1.5, 0.0, 0.0]]) / 5
+    assert torch.allclose(logp.grad, want, atol=1e-6)
+
+
+def test_mu_1_ratio_is_one_and_gradient_is_the_policy_gradient():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
+    ref = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16))
+    ref.load_state_dict(model.state_dict())
+    X = torch.randint(0, 16, (4, 8))
+    Y = torch.randint(0, 16, (4, 8))
+    Y[:, :3] = -1                    # prompt positions
+    Y[1, 6:] = -1                    # a shorter completion
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    mask = Y >= 0
+    grads = {}
+    for name in ("grpo", "pg"):
+        model.zero_grad()
+        logp, _ = grpo.token_logprobs(model, X, Y, temperature=0.7)
+        if name == "grpo":
+            loss, stats = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=0.04)
+            assert float(stats["ratio"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
+            assert float(stats["kl"]) == pytest.approx(0.0, abs=1e-7)
+        else:  # REINFORCE with the group advantage: −Σ Â log π / Σ|o|
+            loss = -(adv[:, None] * logp * mask).sum() / mask.sum()
+        loss.backward()
+        grads[name] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert grads["pg"].abs().max() > 0
+    assert torch.allclose(grads["grpo"], grads["pg"], atol=1e-6)
+    # optimise() with μ = 1 takes the same step: ratio 1, nothing clipped
+    cfg = grpo.GRPOConfig(mu=1, lr=1e-3, temperature=0.7)
+    stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+    assert float(stats["ratio"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
+    # μ = 3: later passes see ratio ≠ 1 (the policy moved since sampling)
+    stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv,
+                          grpo.GRPOConfig(mu=3, lr=1e-2, temperature=0.7))
+    assert abs(float(stats["ratio"]) - 1.0) > 1e-4
+
+
+def test_process_advantages_hand_computed_reward_to_go():
+    # group 1 (rows 0, 1): step rewards 1.0 0.2 0.6 | 0.0 0.7 -> mean 0.5, unbiased std 0.4
+    # normalised: 1.25 -0.75 0.25 | -1.25 0.5, read at tokens 1 3 5 | 2 4
+    # group 2 (rows 2, 3): all equal -> 0
+    r = torch.tensor([[1.0, 0.2, 0.6], [0.0, 0.7, 9.9], [0.3, 0.3, 0.0], [0.3, 0.0, 0.0]])
+    pos = torch.tensor([[1, 3, 5], [2, 4, 0], [0, 5, 0], [2, 0, 0]])
+    m = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
+    a = grpo.process_advantages(r, pos, m, group_size=2, T=6)
+    want = [[0.75, 0.75, -0.5, -0.5, 0.25, 0.25],
+            [-0.75, -0.75, -0.75, 0.5, 0.5, 0.0],
+            [0.0] * 6, [0.0] * 6]
+    assert a.tolist() == [pytest.approx(w, abs=1e-3) for w in want]
+    # without std scaling: deviations from the mean 0.5 summed to go
+    a = grpo.process_advantages(r, pos, m, group_size=2, T=6, scale_std=False)
+    assert a[0].tolist() == pytest.approx([0.3, 0.3, -0.2, -0.2, 0.1, 0.1])
+    assert a[1].tolist() == pytest.approx([-0.3, -0.3, -0.3, 0.2, 0.2, 0.0])
+
+
+def test_step_ends_match_split_completion(smoke_data):
+    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    thinking = ["first, 5 - 2 = 3", "  ", "then 4 * 3 = 12", "so the answer is 12"]
+    ids = encode_completion(tok, thinking, ["1. 4 * 3 = 12", "Answer: 12"])
+    lines, _ = split_completion(tok, ids)
+    assert len(lines) == 3, "the blank line is not a step"
+    Y = torch.tensor([[-1, -1] + ids])                         # two prompt positions
+    tables = grpo.token_tables(tok, 512)
+    ends = grpo.thinking_step_ends(Y, tok, tables)[0].nonzero().flatten().tolist()
+    assert len(ends) == 3 and Y[0, ends[-1]] == tok.end_think
+    # each end is the last token of its line: the text decoded up to it ends the line
+    for end, line in zip(ends, lines):
+        text = tok.enc.decode([i for i in Y[0, 2:end + 1].tolist() if i < tok.eot])
+        assert text.rstrip("\n ").endswith(line.strip())
+    scores = [{"step": [0.1, 0.2, 0.3], "trajectory": 0.5}]
+    r, pos, m = grpo.process_inputs(Y, scores, alpha=1.0, tok=tok, tables=tables)
+    assert pos[0].tolist() == ends + [Y.size(1) - 1] and r[0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.5])
+    assert m.all()
+
+
+def test_grpo_improves_reward_on_a_toy_task():
+    """A tiny GPT learns to emit token 5 after prompt [0], trained only by grpo's functions."""
+    torch.manual_seed(0)
+    V, G, Q, L = 8, 8, 4, 4
+    model = GPT(GPTConfig(block_size=8, vocab_size=V, n_layer=1, n_head=2, n_embd=16))
+    ref = GPT(model.config)
+    ref.load_state_dict(model.state_dict())
+    cfg = grpo.GRPOConfig(lr=2e-2, mu=2, kl_coef=0.01, temperature=1.0, group_size=G)
+    opt = sft.make_optimizer(model, cfg, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    curve = []
+    for step in range(40):
+        idx = torch.zeros(G * Q, 1, dtype=torch.long)
+        out = model.generate(idx, L, temperature=1.0, generator=gen)     # (GQ, 1 + L)
+        reward = (out[:, 1:] == 5).float().mean(1)                       # the fraction of 5s
+        X, Y = out[:, :-1], out[:, 1:].clone()
+        stats = grpo.optimise(model, ref, opt, X, Y, grpo.group_advantages(reward, G), cfg)
+        curve.append(float(reward.mean()))
+    assert sum(curve[:5]) / 5 < 0.3 and sum(curve[-5:]) / 5 > 0.8, curve
+
+
+def script_args(smoke_data, smoke_policy, smoke_prms, out):
+    return ["grpo.py", "--smoke", f"--init={smoke_policy}", f"--prm={smoke_prms['fused']}", f"--out_dir={out}",
+            f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--questions={smoke_data}/rl_questions.jsonl",
+            f"--test={smoke_data}/test.jsonl"]
+
+
+def test_grpo_smoke_run_process_and_resume(smoke_data, smoke_policy, smoke_prms, tmp_path):
+    out = tmp_path / "grpo"
+    args = script_args(smoke_data, smoke_policy, smoke_prms, out)
+    proc = run_script(*args, "--process=true", "--mu=2", "--clip_high=0.28", "--loss_agg=sequence")
+    assert "equal groups" in proc.stdout and "samples for Q:" in proc.stdout and "test accuracy" in proc.stdout
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        for k in ("reward", "reward_std", "equal_groups", "length", "kl", "entropy", "grad_norm", "clip_frac"):
+            assert math.isfinite(r[k]), k
+    assert [r["step"] for r in rows if "test_acc" in r] == [0, 2, 4]
+    res = json.loads((out / "results.json").read_text())
+    assert res["variant"] == "mix+process β=0.75" and 0.0 <= res["final"]["acc"] <= 1.0
+    # resume: two more steps from the checkpoint at step 4
+    proc = run_script(*args, "--process=true", "--resume", "--max_steps=6")
+    assert "resuming from" in proc.stdout and "step    5/6" in proc.stdout
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_prms, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_script(*script_args(smoke_data, smoke_policy, smoke_prms, out),
+                      "--variants=rule,mix@0.5", "--seeds=2", "--max_steps=2", "--sample_every=0")
+    assert "mean ± std over seeds" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["summary"]) == {"rule", "mix β=0.5"}
+    assert all(s["n"] == 2 for s in res["summary"].values())
+    assert (out / "rule" / "seed1338" / "ckpt.pt").exists()
+    with pytest.raises(ValueError, match="unknown variant"):
+        grpo.parse_variant("best", grpo.GRPOConfig())

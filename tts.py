@@ -1,0 +1,398 @@
+"""
+Test-time scaling: Best-of-N with ReasonFlux-PRM against majority vote and baselines.
+
+    python tts.py                                   # ~2 minutes on a 2-core CPU
+    python tts.py --n_questions=500 --n_subsets=4000
+    python tts.py --prm_outcome=""                  # leave a baseline out
+
+Reproduces the paper's third use of the PRM (DESIGN §5): the policy samples N answers to
+a question, a chooser keeps one, and accuracy is plotted against N. Choosers:
+
+  ReasonFlux-PRM      the sample with the highest total = mean(step) + α·trajectory
+  response-only PRM   the same rule with the baseline PRM trained on responses only (MC labels)
+  outcome scorer      the same rule with the scorer trained on final-answer correctness only
+  majority vote       the most frequent parsed answer (unparsable answers do not vote)
+  PRM-weighted vote   the answer with the largest sum of ReasonFlux-PRM totals
+  random              one sample: pass@1, the same for every N
+  oracle              pass@N: right if any of the N is right (an upper bound, reads the answer key)
+
+Protocol. Each held-out question is sampled N_max times, once (one batched KV-cache
+generation), and every sample is scored once by every PRM. The accuracy of a chooser at N
+is then its mean over size-N subsets of those N_max samples: all of them when there are at
+most `n_subsets` (exact), otherwise `n_subsets` random subsets per question (Monte Carlo).
+All choosers see the same subsets, so their differences carry less noise than their levels.
+Ties are broken deterministically: the lowest sample index wins (for votes: the answer
+seen first). A sample's answer is read from its response (`Answer: N`), as sft.evaluate does.
+
+Where this departs from the paper:
+  * the policy and the PRMs are the small models the earlier stages trained, on held-out
+    arithmetic questions, instead of LLMs on AIME, MATH500 and GPQA-Diamond;
+  * N samples are subsets of one pool of N_max samples per question, not fresh samples for
+    each N: the same expectation, far less generation (the usual pass@k estimator trick);
+  * the baselines are our own small PRMs trained on the same pool (train_prm.py --labels=mc
+    and --labels=outcome), used through their `total` exactly like ReasonFlux-PRM, as the
+    synthetic ProcessBench of train_prm.py does, rather than released PRMs;
+  * the oracle and the PRM-weighted vote are our additions (an upper bound and a hybrid).
+"""
+
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+
+import task
+from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion,
+                   generate_completions, load_checkpoint, model_from_checkpoint, load_prm,
+                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+
+
+@dataclass
+class TTSConfig:
+    out_dir: str = "out/tts"
+    test: str = "data/arith/test.jsonl"
+    tokenizer: str = DEFAULT_VOCAB
+    policy: str = "out/policy/ckpt.pt"
+    prm: str = "out/prm/ckpt.pt"                        # ReasonFlux-PRM (required)
+    prm_response: str = "out/prm_response/ckpt.pt"      # response-only PRM; "" leaves it out
+    prm_outcome: str = "out/prm_outcome/ckpt.pt"        # outcome scorer; "" leaves it out
+    n_questions: int = 100
+    n_samples: int = 32            # N_max: samples per question, drawn once
+    ns: str = "1,2,4,8,16,32"      # the N of the curve, each at most n_samples
+    n_subsets: int = 1000          # subsets per question and N (all of them when fewer exist)
+    temperature: float = 1.0
+    max_new_tokens: int = 160      # the pool's longest record is ~140 tokens with its prompt
+    batch_size: int = 128          # rows per batch: larger waits longer on the longest sample (measured)
+    seed: int = 1337
+    device: str = ""
+    smoke: bool = False
+
+
+SMOKE = dict(n_questions=8, n_samples=8, ns="1,2,4,8", n_subsets=50, max_new_tokens=48, batch_size=64)
+
+SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
+WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
+
+
+# ----------------------------------------------------------------------------
+# the subset estimator: choosers pick a sample index in each of many size-N subsets
+
+
+def check_sizes(ns, n_samples):
+    """Every N must be between 1 and the number of samples per question."""
+    for n in ns:
+        if n < 1 or n > n_samples:
+            raise ValueError(f"N={n} is not possible with {n_samples} samples per question: "
+                             f"every N must be between 1 and {n_samples} (raise --n_samples or lower --ns)")
+
+
+def subset_indices(n_samples, n, n_subsets, n_questions, generator=None):
+    """Sample indices (Q, S, N) of size-N subsets of range(n_samples), S per question.
+
+    All C(n_samples, N) subsets when there are at most n_subsets of them (exact, the same
+    for every question), else n_subsets random subsets per question without replacement
+    within a subset (Monte Carlo). Indices ascend within a subset. Returns (idx, exact).
+
+    >>> subset_indices(3, 2, 10, 1)[0].tolist()
+    [[[0, 1], [0, 2], [1, 2]]]
+    """
+    check_sizes([n], n_samples)
+    if math.comb(n_samples, n) <= n_subsets:
+        combos = torch.tensor(list(itertools.combinations(range(n_samples), n)), dtype=torch.long)  # (S, N)
+        return combos.expand(n_questions, -1, -1), True
+    keys = torch.rand(n_questions, n_subsets, n_samples, generator=generator)  # a random order per subset
+    return keys.argsort(-1)[..., :n].sort(-1).values, False                     # (Q, S, N)
+
+
+def gather(values, idx):
+    """values (Q, M) read at idx (Q, S, N) -> (Q, S, N)."""
+    return values.gather(1, idx.flatten(1)).view(idx.shape)
+
+
+def argmax_lowest(values, order):
+    """Position of the largest value along the last dim; ties go to the smallest `order`.
+
+    >>> argmax_lowest(torch.tensor([1., 3., 3.]), torch.tensor([2, 1, 0]))
+    tensor(2)
+    """
+    best = values == values.max(-1, keepdim=True).values
+    return torch.where(best, order, torch.iinfo(order.dtype).max).argmin(-1)
+
+
+def pick_best(scores, idx):
+    """Best-of-N: the sample with the highest score in each subset, ties to the lowest index.
+
+    scores (Q, M), idx (Q, S, N) -> chosen sample indices (Q, S).
+    """
+    pos = argmax_lowest(gather(scores, idx), idx)               # (Q, S)
+    return idx.gather(-1, pos[..., None]).squeeze(-1)
+
+
+def pick_vote(answer_ids, idx, weights=None):
+    """Vote: the answer with the most votes (or the largest sum of `weights`) in each subset.
+
+    answer_ids (Q, M): a class per distinct answer of a question, -1 for no answer (it does
+    not vote). Ties go to the answer seen first (lowest sample index). Returns, per subset,
+    the first sample that gave the winning answer (Q, S), so that correctness is read off
+    the samples as for every other chooser; a subset without any answer returns its first.
+    """
+    Q, S, N = idx.shape
+    M = answer_ids.size(1)
+    slot = gather(answer_ids, idx)
+    slot = torch.where(slot >= 0, slot, M)                      # no answer: an extra slot, dropped below
+    w = torch.ones(Q, S, N) if weights is None else gather(weights.float(), idx)
+    tally = torch.zeros(Q, S, M + 1).scatter_add_(-1, slot, w)[..., :M]                    # (Q, S, M)
+    first = torch.full((Q, S, M + 1), M).scatter_reduce_(-1, slot, idx, "amin")[..., :M]  # (Q, S, M)
+    tally = tally.masked_fill(first == M, float("-inf"))        # answers absent from the subset
+    win = argmax_lowest(tally, first)                           # (Q, S) answer class
+    chosen = first.gather(-1, win[..., None]).squeeze(-1)
+    return torch.where(chosen < M, chosen, idx[..., 0])
+
+
+def answer_classes(answers):
+    """Per question, each distinct answer -> 0, 1, ... in order of first appearance; None -> -1.
+
+    >>> answer_classes([[7, None, 5, 7]]).tolist()
+    [[0, -1, 1, 0]]
+    """
+    rows = []
+    for row in answers:  # once, Q x M Python values
+        seen = {}
+        rows.append([-1 if a is None else seen.setdefault(a, len(seen)) for a in row])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def best_of_n_curves(correct, answer_ids, scores, ns, n_subsets=1000, generator=None):
+    """Accuracy against N of every chooser, and per-question accuracies for paired comparisons.
+
+    correct (Q, M) bool; answer_ids (Q, M) from answer_classes; scores {name: (Q, M)} PRM totals
+    (the weighted vote uses scores[WEIGHTS] when present). Returns
+    ({chooser: [{"n", "acc", "se", "exact"}, ...]}, {chooser: {n: per-question accuracy (Q,)}}).
+    """
+    Q, M = correct.shape
+    check_sizes(ns, M)
+    curves, per_question = {}, {}
+    for n in ns:
+        idx, exact = subset_indices(M, n, n_subsets, Q, generator)
+        chosen = {name: pick_best(s, idx) for name, s in scores.items()}
+        chosen["majority vote"] = pick_vote(answer_ids, idx)
+        if WEIGHTS in scores:
+            chosen["PRM-weighted vote"] = pick_vote(answer_ids, idx, scores[WEIGHTS])
+        chosen["oracle (pass@N)"] = pick_best(correct.float(), idx)
+        accs = {name: correct.gather(1, c).float().mean(1) for name, c in chosen.items()}  # (Q,) each
+        accs["random (pass@1)"] = correct.float().mean(1)       # exact: the mean over all samples
+        for name, a in accs.items():
+            se = float(a.std() / math.sqrt(Q)) if Q > 1 else 0.0
+            curves.setdefault(name, []).append({"n": n, "acc": float(a.mean()), "se": se, "exact": exact})
+            per_question.setdefault(name, {})[n] = a
+    return curves, per_question
+
+
+def paired_difference(per_question, a, b):
+    """{n: (mean, standard error)} of per-question accuracy of chooser a minus chooser b."""
+    out = {}
+    for n, acc in per_question[a].items():
+        d = acc - per_question[b][n]
+        out[n] = (float(d.mean()), float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# sampling and scoring, once per question
+
+
+def sample_all(policy, tok, questions, cfg, device):
+    """n_samples completions per question (Q * M id lists, question-major), batched, with ETA."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompts = [encode_prompt(tok, q["question"]) for q in questions for _ in range(cfg.n_samples)]
+    comps, t0 = [], time.time()
+    for i in range(0, len(prompts), cfg.batch_size):
+        comps += generate_completions(policy, tok, prompts[i:i + cfg.batch_size], cfg.temperature,
+                                      cfg.max_new_tokens, cfg.batch_size, g)
+        rate = (time.time() - t0) / len(comps)
+        print(f"sampling: {len(comps):,}/{len(prompts):,} completions | "
+              f"eta {format_eta(rate * (len(prompts) - len(comps)))}")
+    return comps
+
+
+def to_records(tok, questions, comps, n_samples):
+    """PRM records, parsed answers and correctness of the completions (question-major)."""
+    records, answers, correct = [], [], []
+    for k, c in enumerate(comps):
+        q = questions[k // n_samples]
+        thinking, response = split_completion(tok, c)
+        records.append({"question": q["question"], "thinking": thinking,
+                        "response": [l for l in response.split("\n") if l.strip()]})
+        answers.append(task.parse_answer(response))
+        correct.append(task.verify(response, q["answer"]))
+    return records, answers, correct
+
+
+def score_unique(prm, records, keys, batch_size, name):
+    """PRM totals of records (a list of floats), scoring each distinct key once, with ETA.
+
+    A sharp policy repeats itself, so identical (question, completion) pairs are scored once;
+    records are scored in order of their number of lines (a proxy for length), so that a
+    batch carries little padding.
+    """
+    first = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    uniq = sorted(first.values(), key=lambda i: len(records[i]["thinking"]) + len(records[i]["response"]))
+    total, t0, chunk = {}, time.time(), 2 * batch_size
+    for j in range(0, len(uniq), chunk):
+        part = uniq[j:j + chunk]
+        for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
+            total[i] = s["total"]
+        done = min(len(uniq), j + chunk)
+        print(f"scoring with {name}: {done:,}/{len(uniq):,} distinct samples | "
+              f"eta {format_eta((time.time() - t0) / done * (len(uniq) - done))}")
+    return [total[first[k]] for k in keys], len(uniq)
+
+
+# ----------------------------------------------------------------------------
+# report: table, figure, checks
+
+
+def format_table(curves, ns):
+    """Best-of-N accuracy against N, one row per chooser (as printed and in out/results.md)."""
+    lines = []
+    lines.append("\nBest-of-N accuracy (%) against N (mean over size-N subsets of each question's samples)")
+    lines.append(f"{'chooser':<22}" + "".join(f"{'N=' + str(n):>8}" for n in ns))
+    for name, rows in curves.items():
+        lines.append(f"{name:<22}" + "".join(f"{100 * r['acc']:>8.1f}" for r in rows))
+    se = max(r["se"] for rows in curves.values() for r in rows)
+    lines.append(f"(standard error over questions: at most {100 * se:.1f} points; differences below are paired)")
+    return "\n".join(lines)
+
+
+def text_plot(curves, ns, height=14):
+    """Accuracy against N as text: one block of columns per N, one letter per chooser."""
+    names = list(curves)
+    letters = "".join(chr(ord("A") + i) for i in range(len(names)))
+    accs = [r["acc"] for rows in curves.values() for r in rows]
+    lo, hi = min(accs), max(accs)
+    hi = max(hi, lo + 0.01)  # flat curves still get an axis
+    span = hi - lo
+    row_of = lambda a: round((hi - a) / span * (height - 1))
+    lines = []
+    for y in range(height):
+        cells = ["".join(letters[k] if row_of(curves[name][j]["acc"]) == y else " "
+                         for k, name in enumerate(names)) for j in range(len(ns))]
+        lines.append(f"{100 * (hi - span * y / (height - 1)):6.1f}% |" + "  ".join(cells))
+    lines.append(" " * 8 + "+" + "-" * ((len(names) + 2) * len(ns)))
+    lines.append(" " * 9 + "".join(f"{'N=' + str(n):<{len(names) + 2}}" for n in ns))
+    lines += [f"  {letters[k]} {name}" for k, name in enumerate(names)]
+    return "\n".join(lines)
+
+
+def save_figure(curves, ns, path):
+    """Accuracy against N (log2 axis) as a PNG; False when matplotlib is not importable."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, rows in curves.items():
+        style = ":" if name.startswith(("oracle", "random")) else "-"
+        ax.plot([r["n"] for r in rows], [100 * r["acc"] for r in rows], style, marker="o", ms=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("N (samples per question)")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+def checks(curves, per_question, ns):
+    """The claims of this stage, read off the curves: does the PRM scale, and beat the baselines?"""
+    out = {}
+    prm = [r["acc"] for r in curves[WEIGHTS]]
+    slack = max(r["se"] for r in curves[WEIGHTS])  # "within noise": one standard error
+    out["prm_rises_with_n"] = all(b >= a - slack for a, b in zip(prm, prm[1:])) and prm[-1] > prm[0]
+    for rival in ("majority vote", "response-only PRM"):
+        if rival in curves and max(ns) >= 8:
+            diff = paired_difference(per_question, WEIGHTS, rival)
+            out[f"prm_above_{rival.replace(' ', '_')}_for_n_ge_8"] = all(diff[n][0] > 0 for n in ns if n >= 8)
+            print(f"ReasonFlux-PRM minus {rival}: " +
+                  "  ".join(f"N={n} {100 * m:+.1f}±{100 * s:.1f}" for n, (m, s) in diff.items()))
+    print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out.items()))
+    return out
+
+
+# ----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    cfg = parse_config(TTSConfig, argv, {"smoke": SMOKE}, __doc__)
+    print_config(cfg)
+    try:
+        ns = [int(n) for n in cfg.ns.split(",") if n.strip()]
+    except ValueError:
+        raise ValueError(f"--ns must be comma-separated integers like 1,2,4,8, got {cfg.ns!r}") from None
+    check_sizes(ns, cfg.n_samples)  # before minutes of sampling
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    questions = read_jsonl(cfg.test, ("question", "answer"))[:cfg.n_questions]
+    prm_paths = {name: getattr(cfg, opt) for name, opt in SCORERS.items() if getattr(cfg, opt) or name == WEIGHTS}
+    for name, p in prm_paths.items():  # fail now, not after the sampling
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"no {name} checkpoint at {p!r}: train it with train_prm.py, "
+                                    f"or point --{SCORERS[name]} at it")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    t0 = time.time()
+
+    policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
+    print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
+    comps = sample_all(policy, tok, questions, cfg, device)
+    records, answers, correct = to_records(tok, questions, comps, cfg.n_samples)
+    t_sample = time.time() - t0
+
+    keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
+    scores, n_unique = {}, 0
+    for name, path in prm_paths.items():
+        totals, n_unique = score_unique(load_prm(path, device), records, keys, cfg.batch_size, name)
+        scores[name] = torch.tensor(totals).view(len(questions), cfg.n_samples)
+    t_score = time.time() - t0 - t_sample
+
+    Q, M = len(questions), cfg.n_samples
+    correct = torch.tensor(correct).view(Q, M)
+    answer_ids = answer_classes([answers[q * M:(q + 1) * M] for q in range(Q)])
+    curves, per_question = best_of_n_curves(correct, answer_ids, scores, ns, cfg.n_subsets,
+                                            torch.Generator().manual_seed(cfg.seed + 1))
+    t_estimate = time.time() - t0 - t_sample - t_score
+    answered = float((answer_ids >= 0).float().mean())
+    print(f"samples: {n_unique:,} distinct of {Q * M:,}, {answered:.1%} with a parsable answer, "
+          f"{correct.float().mean():.1%} right; sampling {t_sample:.0f}s, scoring {t_score:.0f}s, "
+          f"subset estimates {t_estimate:.1f}s")
+
+    print(format_table(curves, ns))
+    verdict = checks(curves, per_question, ns)
+    png = os.path.join(cfg.out_dir, "tts.png")
+    if save_figure(curves, ns, png):
+        print(f"figure: {png}")
+    else:
+        plot = text_plot(curves, ns)
+        print(plot)
+        with open(os.path.join(cfg.out_dir, "tts_plot.txt"), "w") as f:
+            f.write(plot + "\n")
+    results = {"curves": curves, "checks": verdict, "n_questions": Q, "n_samples": M,
+               "distinct_samples": n_unique, "answered": answered,
+               "seconds": {"sampling": t_sample, "scoring": t_score, "estimate": t_estimate},
+               "config": asdict(cfg)}
+    write_json_atomic(os.path.join(cfg.out_dir, "results.json"), results)
+    print(f"results: {cfg.out_dir}/results.json ({time.time() - t0:.0f}s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
