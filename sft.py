@@ -290,19 +290,22 @@ def train_policy(records, cfg, device="cpu", log=print):
     return model, info
 
 
-def compare_runs(dirs):
+def format_comparison(dirs):
     """The accuracy table of finished runs, from their eval.json (greedy, by number of operations)."""
-    print(f"{'run':<22} {'greedy':>6}   by number of operations          train time")
+    lines = []
+    lines.append(f"{'run':<22} {'greedy':>6}   by number of operations          train time")
     for d in dirs:
         res = json.load(open(os.path.join(d, "eval.json")))
         name = f"{os.path.basename(d.rstrip('/'))} ({res['subset']})"
-        print(f"{format_accuracy(name, res['greedy'])}   {res['train_seconds']:.0f}s")
+        lines.append(f"{format_accuracy(name, res['greedy'])}   {res['train_seconds']:.0f}s")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, argv, {"pretrain": PRETRAIN, "smoke": SMOKE}, __doc__)
     if cfg.compare:
-        return compare_runs(cfg.compare.split(","))
+        print(format_comparison(cfg.compare.split(",")))
+        return
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
