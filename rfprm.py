@@ -555,13 +555,14 @@ def coherence_reward(prev_vecs, step_vecs, neg_vecs, tau=0.1, rescaled=False):
     return logp.exp() if rescaled else logp
 
 
-def fuse_rewards(r_align, r_qual, r_coh):
+def fuse_rewards(*rewards):
     """r_step(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k  (the paper's fusion).
 
-    Each step weighs its own three rewards by their softmax: a reward that is high
-    counts more. Returns (r_step (S,), weights (S, 3)); the weights sum to 1 per step.
+    Each step weighs its own rewards by their softmax: a reward that is high counts more.
+    Called with the three components (or any subset, e.g. to drop coherence).
+    Returns (r_step (S,), weights (S, K)); the weights sum to 1 per step.
     """
-    R = torch.stack([r_align, r_qual, r_coh], dim=-1)                # (S, 3)
+    R = torch.stack(rewards, dim=-1)                                  # (S, K)
     w = F.softmax(R, dim=-1)
     return (w * R).sum(-1), w
 

@@ -60,6 +60,7 @@ class PRMConfig:
     labels: str = "fused"          # fused | align | quality | coherence | mc | outcome
     encoder: str = "tfidf"         # Φ: tfidf | policy
     coherence: str = "logprob"     # logprob (the paper, ≤ 0) | prob (rescaled to [0, 1])
+    fuse: str = "align,quality,coherence"   # what labels=fused fuses (drop one to see what it adds)
     tau: float = 0.1               # coherence temperature
     n_negatives: int = 8           # coherence negatives from other trajectories
     n_rollouts: int = 4            # template-guided rollouts per trajectory (r_final)
@@ -184,8 +185,8 @@ def design_rewards(records, tok, policy, cfg):
         encode = policy_encoder(policy, tok)
     r_align, r_qual, r_coh, step_rec = step_rewards(records, tok, cfg, encode)
     r_coh_prob = r_coh.exp()
-    fused, w = fuse_rewards(r_align, r_qual, r_coh)
-    fused_prob, w_prob = fuse_rewards(r_align, r_qual, r_coh_prob)
+    _, w = fuse_rewards(r_align, r_qual, r_coh)          # the fusion itself is done in targets_for;
+    _, w_prob = fuse_rewards(r_align, r_qual, r_coh_prob)  # its mean weights are reported here
     t_step = time.time() - t0
     print(f"reward design: step rewards for {len(step_rec):,} steps in {t_step:.1f}s; mean fusion weights "
           f"(align, quality, coherence) = ({w[:, 0].mean():.2f}, {w[:, 1].mean():.2f}, {w[:, 2].mean():.2f}) "
@@ -198,7 +199,6 @@ def design_rewards(records, tok, policy, cfg):
     per_record = lambda x: [c.tolist() for c in torch.split(x, counts)]
     return {"align": per_record(r_align), "quality": per_record(r_qual),
             "coherence_logprob": per_record(r_coh), "coherence_prob": per_record(r_coh_prob),
-            "fused_logprob": per_record(fused), "fused_prob": per_record(fused_prob),
             "final": r_final.tolist(),
             "outcome": [float(task.verify("\n".join(r["response"]), r["answer"])) for r in records],
             "seconds": {"step": t_step, "trajectory": time.time() - t0 - t_step},
@@ -215,6 +215,18 @@ def cached(path, make):
     return obj
 
 
+def fused_steps(parts, names):
+    """The softmax fusion of the named step-reward components, per record (lists of floats)."""
+    names = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in names if n not in parts]
+    if not names or unknown:
+        raise ValueError(f"--fuse takes a comma-separated subset of align,quality,coherence; got {names}")
+    counts = [len(x) for x in parts[names[0]]]
+    flat = [torch.tensor([v for rec in parts[n] for v in rec]) for n in names]
+    fused, _ = fuse_rewards(*flat)
+    return [c.tolist() for c in torch.split(fused, counts)]
+
+
 def targets_for(cfg, records, tok):
     """Per-record training targets {"step", "response", "final"} for cfg.labels (cached design)."""
     files = [cfg.data, cfg.policy]
@@ -229,8 +241,8 @@ def targets_for(cfg, records, tok):
     if cfg.labels == "outcome":  # one label per record, at every read position
         return [{"step": [o] * len(r["thinking"]), "response": [o] * len(r["response"]), "final": o}
                 for o, r in zip(d["outcome"], records)]
-    step = {"fused": d[f"fused_{cfg.coherence}"], "align": d["align"], "quality": d["quality"],
-            "coherence": d[f"coherence_{cfg.coherence}"]}.get(cfg.labels)
+    parts = {"align": d["align"], "quality": d["quality"], "coherence": d[f"coherence_{cfg.coherence}"]}
+    step = fused_steps(parts, cfg.fuse) if cfg.labels == "fused" else parts.get(cfg.labels)
     if step is None:
         raise ValueError(f"--labels must be one of fused, align, quality, coherence, mc, outcome; got {cfg.labels!r}")
     final = d["final"] if cfg.lam_final > 0 else [float("nan")] * len(records)

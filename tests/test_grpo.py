@@ -201,10 +201,10 @@ def test_grpo_smoke_run_process_and_resume(smoke_data, smoke_policy, smoke_prms,
 def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_prms, tmp_path):
     out = tmp_path / "sweep"
     proc = run_script(*script_args(smoke_data, smoke_policy, smoke_prms, out),
-                      "--variants=rule,mix@0.5", "--seeds=2", "--max_steps=2", "--sample_every=0")
+                      "--variants=rule,mix@0", "--seeds=2", "--max_steps=2", "--sample_every=0")
     assert "mean ± std over seeds" in proc.stdout
     res = json.loads((out / "results.json").read_text())
-    assert set(res["summary"]) == {"rule", "mix β=0.5"}
+    assert set(res["summary"]) == {"rule", "mix β=0"}
     assert all(s["n"] == 2 for s in res["summary"].values())
     assert (out / "rule" / "seed1338" / "ckpt.pt").exists()
     with pytest.raises(ValueError, match="unknown variant"):

@@ -21,6 +21,7 @@ import re
 import statistics
 import sys
 import base64
+import dataclasses
 from dataclasses import dataclass
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +40,7 @@ class PrepareConfig:
     n_test: int = 1000
     n_facts: int = 100000
     vocab_size: int = 512      # byte-level: 256 bytes + merges + 3 special tokens
+    flaw_scale: float = 1.0    # multiplies every flaw rate against the clean rate (2: ~25% clean)
     smoke: bool = False
 
 
@@ -164,7 +166,9 @@ def print_summary(pool, test, out_dir):
 
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv, {"smoke": SMOKE}, __doc__)
-    out = prepare(cfg)
+    base = task.WorldConfig()
+    flawed = {f"p_{f}": getattr(base, f"p_{f}") * cfg.flaw_scale for f in task.FLAWS if f != "clean"}
+    out = prepare(cfg, dataclasses.replace(base, **flawed))
     print_summary(out["pool"], out["test"], cfg.out_dir)
 
 
