@@ -103,11 +103,14 @@ class GRPOConfig:
     ckpt_every: int = 50
     resume: bool = False
     device: str = ""
+    preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
 
+GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=500)  # larger groups, longer
 SMOKE = dict(max_steps=4, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
              eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
+PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 
 # ----------------------------------------------------------------------------
@@ -540,7 +543,7 @@ def save_figure(histories, path):
 
 
 def main(argv=None):
-    cfg = parse_config(GRPOConfig, argv, {"smoke": SMOKE}, __doc__)
+    cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
     print_config(cfg)
     assert cfg.temperature > 0, "GRPO samples: --temperature must be > 0"
     device = pick_device(cfg.device)

@@ -84,10 +84,13 @@ class SelectConfig:
     score_batch_size: int = 256    # PRM scoring batch
     cache_dir: str = ""            # pool scores, keyed by pool and checkpoint bytes ("" = out_dir)
     device: str = ""
+    preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
 
+GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16, score_batch_size=64)
+PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
 SELECTORS = {
@@ -369,7 +372,7 @@ def checks(summary):
 
 
 def main(argv=None):
-    cfg = parse_config(SelectConfig, argv, {"smoke": SMOKE}, __doc__)
+    cfg = parse_config(SelectConfig, argv, PRESETS, __doc__)
     print_config(cfg)
     keys = [k.strip() for k in cfg.selectors.split(",") if k.strip()]
     for key in keys:

@@ -75,13 +75,18 @@ class SFTConfig:
     stop_at: int = 0               # stop after this step but keep max_steps' schedule (pause; --resume later)
     device: str = ""
     compile: bool = False
+    preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
     compare: str = ""              # "dirA,dirB": print the accuracy table of finished runs and exit
 
 
+# --preset=gpu: a 10M-parameter model (the policy, the PRM and every student inherit its shape)
+# and more steps. With --pretrain, the pretraining schedule above still applies on top of it.
+GPU = dict(n_layer=6, n_head=6, n_embd=384, batch_size=32, max_steps=8000, lr=1e-3, min_lr=1e-4)
 PRETRAIN = dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=50)  # ~70 s
 SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_questions=16,
              log_every=5, ckpt_every=10, warmup_steps=5)
+PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 
 # ----------------------------------------------------------------------------
@@ -302,7 +307,7 @@ def format_comparison(dirs):
 
 
 def main(argv=None):
-    cfg = parse_config(SFTConfig, argv, {"pretrain": PRETRAIN, "smoke": SMOKE}, __doc__)
+    cfg = parse_config(SFTConfig, argv, PRESETS, __doc__)
     if cfg.compare:
         print(format_comparison(cfg.compare.split(",")))
         return

@@ -86,11 +86,14 @@ class PRMConfig:
     # evaluation
     eval: bool = False             # train the baselines and ablations too, print the table
     eval_records: int = 2000
+    preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
 
+GPU = dict(n_train=20000, max_steps=3000, batch_size=64)  # the whole pool, trained longer
 SMOKE = dict(n_train=60, max_steps=6, batch_size=8, log_every=2, ckpt_every=3, n_rollouts=2,
              mc_rollouts=2, eval_records=80, warmup_steps=2)
+PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 
 # ----------------------------------------------------------------------------
@@ -421,7 +424,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
 
 
 def main(argv=None):
-    cfg = parse_config(PRMConfig, argv, {"smoke": SMOKE}, __doc__)
+    cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:

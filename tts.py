@@ -67,10 +67,13 @@ class TTSConfig:
     batch_size: int = 128          # rows per batch: larger waits longer on the longest sample (measured)
     seed: int = 1337
     device: str = ""
+    preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
 
+GPU = dict(n_questions=1000, n_samples=64, ns="1,2,4,8,16,32,64")  # a tighter curve, one more N
 SMOKE = dict(n_questions=8, n_samples=8, ns="1,2,4,8", n_subsets=50, max_new_tokens=48, batch_size=64)
+PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
 WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
@@ -332,7 +335,7 @@ def checks(curves, per_question, ns):
 
 
 def main(argv=None):
-    cfg = parse_config(TTSConfig, argv, {"smoke": SMOKE}, __doc__)
+    cfg = parse_config(TTSConfig, argv, PRESETS, __doc__)
     print_config(cfg)
     try:
         ns = [int(n) for n in cfg.ns.split(",") if n.strip()]

@@ -12,6 +12,7 @@ from conftest import run_script, ROOT
 from rfprm import parse_config
 import grpo
 import select_data
+import sft
 import train_prm
 import tts
 
@@ -42,3 +43,17 @@ def test_prm_without_coherence_runs(smoke_data, smoke_policy, tmp_path):
                      f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                      f"--out_dir={tmp_path / 'prm'}", f"--cache_dir={tmp_path / 'rewards'}")
     assert (tmp_path / "prm" / "ckpt.pt").exists() and "step" in out.stdout
+
+
+def test_gpu_preset_scales_every_stage_up():
+    """`--preset=gpu` exists in every script that run.sh passes it to, and makes the run larger."""
+    gpu = lambda module, cls, *more: parse_config(cls, ["--preset=gpu", *more], module.PRESETS)
+    big = gpu(sft, sft.SFTConfig)
+    assert big.n_embd > sft.SFTConfig().n_embd and big.max_steps >= sft.SFTConfig().max_steps
+    base = gpu(sft, sft.SFTConfig, "--pretrain")
+    assert base.n_embd == big.n_embd and base.max_steps == sft.PRETRAIN["max_steps"]  # same shape as the policy
+    assert gpu(train_prm, train_prm.PRMConfig).n_train > train_prm.PRMConfig().n_train
+    assert gpu(select_data, select_data.SelectConfig).budget_tokens > select_data.SelectConfig().budget_tokens
+    assert gpu(grpo, grpo.GRPOConfig).max_steps > grpo.GRPOConfig().max_steps
+    assert gpu(tts, tts.TTSConfig).n_questions > tts.TTSConfig().n_questions
+    assert gpu(sft, sft.SFTConfig, "--n_layer=3").n_layer == 3  # explicit options win
