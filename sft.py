@@ -231,7 +231,8 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
 
     batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
     lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
-    loss stops the run naming the step (the last checkpoint on disk is left as it was).
+    loss or gradient stops the run, naming the step, before anything else is logged or saved:
+    the last checkpoint on disk stays the last good one.
     Returns {"tokens": targets seen, "loss": last logged loss}.
     """
     optimizer = optimizer or make_optimizer(model, cfg, device)
@@ -240,6 +241,10 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     model.train()
     order = torch.argsort(lengths, stable=True)
     tokens_seen, t0, loss_val = 0, time.time(), float("nan")
+    # the first step with a non-finite loss or gradient, -1 if none: kept as a tensor so that
+    # checking it costs no sync per step; read only where we log or save. The gradient norm is
+    # the same on every DDP rank (after the all-reduce), so every rank stops at the same step.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
     last_step = min(stop_at or cfg.max_steps, cfg.max_steps)  # stop_at pauses a run, schedule unchanged
     for step in range(start_step, last_step):
         lr = get_lr(step, cfg)
@@ -253,11 +258,15 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         tokens_seen += n_targets
-        if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+        save_now = ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last_step)
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
+        if (save_now or log_now) and int(first_bad) >= 0:
+            raise FloatingPointError(f"non-finite loss or gradient at step {int(first_bad)}; "
+                                     f"stopped, the last good checkpoint is kept")
+        if log_now:
             loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"non-finite loss {loss_val} at step {step}; "
-                                         f"the last good checkpoint is kept")
             rate = (time.time() - t0) / (step + 1 - start_step)
             if rank == 0:
                 log(f"step {step:5d}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
@@ -267,7 +276,7 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr,
                                             "grad_norm": float(gnorm)}) + "\n")
-        if ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last_step):
+        if save_now:
             ckpt_fn(step + 1, optimizer)
     return {"tokens": tokens_seen, "loss": loss_val}
 

@@ -109,3 +109,48 @@ def test_checkpoint_with_another_shape_is_refused(smoke_base):
         model_from_checkpoint(ckpt)
     with pytest.raises(ValueError, match="expected a 'prm' checkpoint"):
         load_checkpoint(str(smoke_base), kind="prm")
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint():
+    cfg = sft.SFTConfig(max_steps=20, ckpt_every=5, log_every=100, warmup_steps=1, batch_size=2)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(10, 3)
+
+    def batch_loss(m, idx, calls=[0]):
+        calls[0] += 1
+        loss = m(x[idx]).pow(2).mean()
+        return (loss * float("nan") if calls[0] == 8 else loss), len(idx)  # step 7 goes bad
+
+    saved = {}
+    ckpt_fn = lambda step, opt: saved.update(step=step, weight=model.weight.detach().clone())
+    with pytest.raises(FloatingPointError, match="at step 7"):
+        sft.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
+                  ckpt_fn=ckpt_fn)
+    assert saved["step"] == 5 and torch.isfinite(saved["weight"]).all()  # step 10 was never saved
+
+
+def test_killed_run_resumes_to_the_same_weights(smoke_data, smoke_base, tmp_path):
+    """SIGKILL a real run right after a checkpoint lands: the file is intact and --resume
+    finishes with the weights of an uninterrupted run (atomic writes, seeded batches)."""
+    import signal
+    import subprocess
+    import time
+    args = ["sft.py", "--smoke", f"--init={smoke_base}", "--eval_questions=0", "--max_steps=30",
+            "--ckpt_every=5", *data_args(smoke_data)]
+    run_script(*args, f"--out_dir={tmp_path / 'full'}")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "ckpt.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ck = torch.load(out / "ckpt.pt", weights_only=True)  # intact, whatever moment the kill hit
+    assert 5 <= ck["step"] <= 30
+    run_script(*args, f"--out_dir={out}", "--resume")
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)
+    b = torch.load(out / "ckpt.pt", weights_only=True)
+    assert b["step"] == 30
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
