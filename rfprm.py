@@ -126,12 +126,13 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """Keys and values of one layer, preallocated for the whole generation.
 
-    Written in place at [pos, pos + T): no torch.cat per token.
+    Written in place at [pos, pos + T): no torch.cat per token. Left uninitialised (empty,
+    not zeros): only [0, pos) is ever read, and zeroing it all costs a pass over memory.
     """
 
     def __init__(self, B, n_head, max_len, head_size, device, dtype):
-        self.k = torch.zeros(B, n_head, max_len, head_size, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
+        self.k = torch.empty(B, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
         self.pos = 0
 
     def append(self, k, v):
@@ -169,18 +170,25 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def hidden(self, idx, caches=None, pos=None, attn_mask=None):
-        """Final normalised hidden states (B, T, C); the PRM's reward head reads them too."""
+    def hidden(self, idx, caches=None, pos=None, attn_mask=None, rope=None):
+        """Final normalised hidden states (B, T, C); the PRM's reward head reads them too.
+
+        rope: (cos, sin) already looked up for these positions (generate does it once for the
+        whole generation); otherwise they are looked up from pos.
+        """
         B, T = idx.shape
-        if pos is None:
-            pos = torch.arange(T, device=idx.device)  # (T,)
-        rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs/2), or (B, T, hs/2) per row
-        if pos.dim() == 2:
-            rope = (rope[0][:, None], rope[1][:, None])  # (B, 1, T, hs/2)
+        if rope is None:
+            rope = self.rope_for(torch.arange(T, device=idx.device) if pos is None else pos)
         x = self.drop(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.h):
             x = block(x, rope, caches[i] if caches is not None else None, attn_mask)
         return self.ln_f(x)
+
+    def rope_for(self, pos):
+        """cos, sin for positions pos: (T, hs/2) when shared by every row, (B, 1, T, hs/2) per row."""
+        if pos.dim() == 1:
+            return self.rope_cos[pos], self.rope_sin[pos]
+        return self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
         """Logits (B, T, V) and, with targets (-1 = ignored), the cross-entropy loss.
@@ -206,37 +214,58 @@ class GPT(nn.Module):
         tokens (see `left_pad`). temperature=0 is greedy. Rows stop independently at
         eos_id and are padded with eos_id afterwards. use_cache=False recomputes the whole
         sequence at every step (the slow reference the tests and bench.py compare with).
+
+        Everything that does not change from step to step (positions, their rotary tables,
+        the attention mask, the caches) is built once here and sliced per step.
         """
         B, T = idx.shape
-        assert T + max_new_tokens <= self.config.block_size, "prompt + new tokens exceed block_size"
+        T_total = T + max_new_tokens
+        assert T_total <= self.config.block_size, "prompt + new tokens exceed block_size"
         device = idx.device
-        if prompt_mask is None:
-            prompt_mask = torch.ones_like(idx, dtype=torch.bool)
-        key_ok = torch.cat([prompt_mask, torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)], 1)
-        positions = (key_ok.long().cumsum(1) - 1).clamp(min=0)  # (B, T_total): pads do not count
         out = torch.cat([idx, torch.full((B, max_new_tokens), eos_id if eos_id is not None else 0,
                                          dtype=idx.dtype, device=device)], 1)
+        if prompt_mask is None or bool(prompt_mask.all()):
+            # every row starts at position 0: one rotary table for all rows, causal attention
+            cos, sin = self.rope_for(torch.arange(T_total, device=device))  # (T_total, hs/2)
+            rope_at = lambda s, e: (cos[s:e], sin[s:e])
+            mask_at = lambda s, e: None
+        else:
+            new_ok = torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)
+            key_ok = torch.cat([prompt_mask.bool(), new_ok], 1)      # (B, T_total)
+            positions = (key_ok.long().cumsum(1) - 1).clamp(min=0)  # pads do not count
+            cos, sin = self.rope_for(positions)                       # (B, 1, T_total, hs/2)
+            mask = attention_mask(key_ok, 0)                          # (B, 1, T_total, T_total)
+            rope_at = lambda s, e: (cos[:, :, s:e], sin[:, :, s:e])
+            mask_at = lambda s, e: mask[:, :, s:e, :e]                # queries [s, e), keys [0, e)
+        caches = self.new_caches(B, T_total, device) if use_cache else None
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        left_padded = not bool(prompt_mask.all())
-        caches = None
-        if use_cache:
-            C, nh = self.config.n_embd, self.config.n_head
-            dtype = self.wte.weight.dtype
-            caches = [KVCache(B, nh, T + max_new_tokens, C // nh, device, dtype) for _ in self.h]
-        for t in range(T, T + max_new_tokens):
+        # asking whether every row is done waits for the device: on a GPU, ask every few steps
+        check_every = 1 if device.type == "cpu" else 8
+        for t in range(T, T_total):
             # with the cache: the whole prompt first, then one token per step
             start = t - 1 if (use_cache and t > T) else 0
-            mask = attention_mask(key_ok[:, :t], start) if left_padded else None
-            h = self.hidden(out[:, start:t], caches, positions[:, start:t], mask)
+            h = self.hidden(out[:, start:t], caches, attn_mask=mask_at(start, t), rope=rope_at(start, t))
             logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
             nxt = sample(logits, temperature, top_k, generator)
             if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                nxt = nxt.masked_fill(done, eos_id)
                 done = done | (nxt == eos_id)
             out[:, t] = nxt
-            if eos_id is not None and bool(done.all()):
+            if eos_id is not None and (t - T) % check_every == check_every - 1 and bool(done.all()):
                 break
         return out
+
+    def new_caches(self, B, max_len, device):
+        """One preallocated KVCache per layer, in the dtype the keys will come in.
+
+        Under autocast (bf16 on CUDA) the projections return bf16: a cache in the weights'
+        fp32 would convert every key on the way in and the whole cache on every read.
+        """
+        dtype = self.wte.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        C, nh = self.config.n_embd, self.config.n_head
+        return [KVCache(B, nh, max_len, C // nh, device, dtype) for _ in self.h]
 
 
 def attention_mask(key_ok, start):
