@@ -8,7 +8,8 @@ Throughput and memory of training, generation and PRM scoring, side by side with
 What it measures, in one process so that ratios hold on a noisy machine:
 
 * matmul_gflops: the fp32 matmul peak of this machine (bf16 on CUDA, the dtype autocast
-  trains in), best over a few square sizes; the denominator of every MFU below.
+  trains in), best over a few square sizes, measured before and after the models (the
+  best of both); the denominator of every MFU below.
 * train_tok_s, train_mfu: forward + backward + grad clip + AdamW step (sft.make_optimizer)
   on a random token batch, as sft.train does it.
 * gen_tok_s_kv, gen_tok_s_recompute, gen_tok_s_hf: new tokens/s of GPT.generate with and
@@ -214,8 +215,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
 
 
-def bench_shape(label, gcfg, batch, peak, cfg, device, emit):
-    """Every figure for one model shape; emit(metric, value, unit, **context) records one."""
+def bench_shape(label, gcfg, batch, cfg, device, emit):
+    """Every figure for one model shape; emit(metric, value, unit, **context) records one.
+
+    Returns the MFU inputs {"train": (tok/s, FLOPs/token), "prm": (...)}: the MFUs are
+    computed at the end, against the best matmul rate seen over the whole run.
+    """
     torch.manual_seed(cfg.seed)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -226,7 +231,7 @@ def bench_shape(label, gcfg, batch, peak, cfg, device, emit):
 
     tok_s, fpt = train_tok_s(model, batch, cfg, device), flops_per_token(gcfg, T)
     emit("train_tok_s", tok_s, "tokens/s", batch=batch, **ctx)
-    emit("train_mfu", tok_s * fpt / (peak * 1e9), "fraction", flops_per_token=fpt, batch=batch, **ctx)
+    mfu = {"train_mfu": (tok_s, fpt, dict(batch=batch, **ctx))}
 
     gen = dict(batch=cfg.gen_batch, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens, **ctx)
     rates = gen_tok_s(model, cfg, device)
@@ -239,11 +244,12 @@ def bench_shape(label, gcfg, batch, peak, cfg, device, emit):
 
     tok_s, fpt = prm_tok_s(gcfg, cfg, device), flops_per_token(gcfg, T, train=False, prm=True)
     emit("prm_tok_s", tok_s, "tokens/s", records_s=float(f"{tok_s / T:.6g}"), batch=cfg.prm_batch, **ctx)
-    emit("prm_mfu", tok_s * fpt / (peak * 1e9), "fraction", flops_per_token=fpt, batch=cfg.prm_batch, **ctx)
+    mfu["prm_mfu"] = (tok_s, fpt, dict(batch=cfg.prm_batch, **ctx))
 
     emit("peak_rss_mb", peak_rss_mb(), "MB", note="process peak so far", **ctx)
     if device.startswith("cuda"):
         emit("peak_cuda_mb", torch.cuda.max_memory_allocated() / 2 ** 20, "MB", **ctx)
+    return mfu
 
 
 def write_jsonl_atomic(path, rows):
@@ -284,13 +290,23 @@ def main(argv=None):
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    peak, dtype = matmul_gflops([int(s) for s in cfg.matmul_sizes.split(",")], cfg.matmul_repeats, device)
-    emit("matmul_gflops", peak, "GFLOP/s", dtype=dtype, sizes=cfg.matmul_sizes)
+    # The matmul peak of a shared machine moves by 30% from minute to minute: measure it before
+    # and after the models and divide by the best, so that an MFU is never flattered by a slow
+    # moment of the denominator.
+    sizes = [int(s) for s in cfg.matmul_sizes.split(",")]
+    peak_before, dtype = matmul_gflops(sizes, cfg.matmul_repeats, device)
     ref = GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                     block_size=cfg.block_size, vocab_size=cfg.vocab_size)
-    bench_shape("reference", ref, cfg.batch_size, peak, cfg, device, emit)
+    mfu = [bench_shape("reference", ref, cfg.batch_size, cfg, device, emit)]
     if cfg.default_shape:
-        bench_shape("default", GPTConfig(), cfg.default_batch_size, peak, cfg, device, emit)
+        mfu.append(bench_shape("default", GPTConfig(), cfg.default_batch_size, cfg, device, emit))
+    peak_after, _ = matmul_gflops(sizes, cfg.matmul_repeats, device)
+    peak = max(peak_before, peak_after)
+    emit("matmul_gflops", peak, "GFLOP/s", dtype=dtype, sizes=cfg.matmul_sizes,
+         before=float(f"{peak_before:.6g}"), after=float(f"{peak_after:.6g}"))
+    for shape in mfu:
+        for metric, (tok_s, fpt, ctx) in shape.items():
+            emit(metric, tok_s * fpt / (peak * 1e9), "fraction", flops_per_token=fpt, **ctx)
     write_jsonl_atomic(os.path.join(cfg.out_dir, "bench.jsonl"), rows)
     print_table(rows)
     return rows
