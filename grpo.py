@@ -70,7 +70,7 @@ class GRPOConfig:
     tokenizer: str = DEFAULT_VOCAB
     # reward
     reward: str = "mix"                  # rule | prm | mix
-    beta: float = 0.75                   # weight of the PRM term in mix
+    beta: float = 0.25                   # weight of the PRM term in mix (the least harmful of the sweep, README)
     process: bool = False                # process supervision from the PRM's step scores
     # GRPO
     max_steps: int = 150
