@@ -54,6 +54,7 @@ class PRMConfig:
     data: str = "data/arith/pool.jsonl"
     eval_data: str = "data/arith/prm_eval.jsonl"
     policy: str = "out/policy/ckpt.pt"
+    init: str = ""                 # the PRM backbone's starting weights (empty: the policy's)
     tokenizer: str = DEFAULT_VOCAB
     n_train: int = 4000            # pool records given reward design and used for training
     # reward design
@@ -293,9 +294,9 @@ def train_prm(cfg, records, tok, device, rank=0, world=1):
         obj = [targets]
         torch.distributed.broadcast_object_list(obj, src=0)
         targets = obj[0]
-    policy_ckpt = load_checkpoint(cfg.policy, kind="policy", enc=tok.enc)
-    prm = PRM(GPTConfig(**policy_ckpt["model_args"]))
-    prm.gpt.load_state_dict(model_from_checkpoint(policy_ckpt).state_dict())
+    init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
+    prm = PRM(GPTConfig(**init_ckpt["model_args"]))
+    prm.gpt.load_state_dict(model_from_checkpoint(init_ckpt).state_dict())
     prm.to(device)
     ids, t_step, t_final, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size)
 
