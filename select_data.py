@@ -18,8 +18,8 @@ and its accuracy on held-out questions says how good the selection was. Selector
                       evaluation only; it is the only selector that reads `meta`
 
 Protocol. One row per seed: in row s, every selector's student starts from the same
-checkpoint (--init, the sft.py policy), trains with seed s (batch order) and, for the random selectors, also
-selects with seed s. Every student sees the same number of target tokens: sft.train draws
+checkpoint (--init, the sft.py policy), trains with seed s (batch order) and, for the
+random selectors, also selects with seed s. Every student sees the same number of target tokens: sft.train draws
 the batch of step t from (seed, t) alone, so the tokens of each step are known before
 training, and a student trains for the fewest steps whose batches hold --budget_tokens
 (selected sets differ in length, so equal steps would not be equal tokens; the counts then
