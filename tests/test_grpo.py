@@ -168,7 +168,7 @@ def test_grpo_improves_reward_on_a_toy_task():
         X, Y = out[:, :-1], out[:, 1:].clone()
         stats = grpo.optimise(model, ref, opt, X, Y, grpo.group_advantages(reward, G), cfg)
         curve.append(float(reward.mean()))
-    assert sum(curve[:5]) / 5 < 0.3 and sum(curve[-5:]) / 5 > 0.8, curve
+    assert curve[0] < 0.3 and sum(curve[-5:]) / 5 > 0.8, curve  # from chance (1/8) to mostly 5s
 
 
 def script_args(smoke_data, smoke_policy, smoke_prms, out):

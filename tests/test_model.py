@@ -73,3 +73,14 @@ def test_loss_reduction_none_gives_per_token_loss():
     _, per_tok = model(x, y, loss_reduction="none")
     assert per_tok.shape == (2, 8) and (per_tok[:, :3] == 0).all()
     assert torch.allclose(per_tok.sum() / 10, mean)
+
+
+def test_sample_follows_the_softmax_and_never_picks_a_masked_token():
+    from rfprm import sample
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(40000, 1)
+    gen = torch.Generator().manual_seed(0)
+    freq = torch.bincount(sample(logits, 1.0, generator=gen), minlength=5) / 40000
+    assert torch.allclose(freq, torch.softmax(logits[0], -1), atol=0.01), freq
+    top2 = torch.bincount(sample(logits, 1.0, top_k=2, generator=gen), minlength=5)
+    assert top2[[0, 3, 4]].sum() == 0 and top2[1] > 0 and top2[2] > 0
+    assert torch.equal(sample(logits[:3], 0.0), torch.tensor([2, 2, 2]))
