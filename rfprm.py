@@ -154,6 +154,10 @@ class KVCache:
         self.pos += T
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
+    def keep_rows(self, keep):
+        """Keep only the batch rows where keep (B,) is True (rows that finished are dropped)."""
+        self.k, self.v = self.k[keep], self.v[keep]
+
 
 class GPT(nn.Module):
 
@@ -228,7 +232,8 @@ class GPT(nn.Module):
         sequence at every step (the slow reference the tests and bench.py compare with).
 
         Everything that does not change from step to step (positions, their rotary tables,
-        the attention mask, the caches) is built once here and sliced per step.
+        the attention mask, the caches) is built once here and sliced per step. Finished rows
+        are dropped from the batch every so often: their keys and values are no longer read.
         """
         B, T = idx.shape
         T_total = T + max_new_tokens
@@ -239,32 +244,42 @@ class GPT(nn.Module):
         if prompt_mask is None or bool(prompt_mask.all()):
             # every row starts at position 0: one rotary table for all rows, causal attention
             cos, sin = self.rope_for(torch.arange(T_total, device=device))  # (T_total, hs/2)
-            rope_at = lambda s, e: (cos[s:e], sin[s:e])
-            mask_at = lambda s, e: None
+            mask = None
         else:
             new_ok = torch.ones(B, max_new_tokens, dtype=torch.bool, device=device)
             key_ok = torch.cat([prompt_mask.bool(), new_ok], 1)      # (B, T_total)
             positions = (key_ok.long().cumsum(1) - 1).clamp(min=0)  # pads do not count
             cos, sin = self.rope_for(positions)                       # (B, 1, T_total, hs/2)
             mask = attention_mask(key_ok, 0)                          # (B, 1, T_total, T_total)
-            rope_at = lambda s, e: (cos[:, :, s:e], sin[:, :, s:e])
-            mask_at = lambda s, e: mask[:, :, s:e, :e]                # queries [s, e), keys [0, e)
         caches = self.new_caches(B, T_total, device) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        # asking whether every row is done waits for the device: on a GPU, ask every few steps
+        live = torch.arange(B, device=device)            # the rows of `out` still in the batch
+        done = torch.zeros(B, dtype=torch.bool, device=device)  # per live row: has it emitted eos
+        # asking how many rows are done waits for the device: on a GPU, ask every few steps
         check_every = 1 if device.type == "cpu" else 8
         for t in range(T, T_total):
             # with the cache: the whole prompt first, then one token per step
-            start = t - 1 if (use_cache and t > T) else 0
-            h = self.hidden(out[:, start:t], caches, attn_mask=mask_at(start, t), rope=rope_at(start, t))
-            logits = self.lm_head(h[:, -1, :]).float()  # (B, V)
+            s = t - 1 if (use_cache and t > T) else 0
+            rope = (cos[s:t], sin[s:t]) if mask is None else (cos[:, :, s:t], sin[:, :, s:t])
+            h = self.hidden(out[live, s:t], caches, rope=rope,
+                            attn_mask=None if mask is None else mask[:, :, s:t, :t])  # queries [s, t), keys [0, t)
+            logits = self.lm_head(h[:, -1, :]).float()  # (B_live, V)
             nxt = sample(logits, temperature, top_k, generator)
             if eos_id is not None:
                 nxt = nxt.masked_fill(done, eos_id)
                 done = done | (nxt == eos_id)
-            out[:, t] = nxt
-            if eos_id is not None and (t - T) % check_every == check_every - 1 and bool(done.all()):
+            out[live, t] = nxt
+            if eos_id is None or (t - T) % check_every != check_every - 1:
+                continue
+            n_done = int(done.sum())
+            if n_done == len(live):
                 break
+            if 4 * n_done >= len(live):  # a quarter of the batch is finished: drop those rows
+                keep = ~done
+                live, done = live[keep], done[keep]
+                for c in caches or ():
+                    c.keep_rows(keep)
+                if mask is not None:
+                    cos, sin, mask = cos[keep], sin[keep], mask[keep]
         return out
 
     def new_caches(self, B, max_len, device):

@@ -84,3 +84,26 @@ def test_sample_follows_the_softmax_and_never_picks_a_masked_token():
     top2 = torch.bincount(sample(logits, 1.0, top_k=2, generator=gen), minlength=5)
     assert top2[[0, 3, 4]].sum() == 0 and top2[1] > 0 and top2[2] > 0
     assert torch.equal(sample(logits[:3], 0.0), torch.tensor([2, 2, 2]))
+
+
+def test_dropping_finished_rows_changes_no_row():
+    """Rows that emit eos leave the batch (their caches are dropped); the others must not notice."""
+    model = tiny_model(4)
+    with torch.no_grad():  # large weights: an untrained model whose greedy outputs vary, not one token repeated
+        for p in model.parameters():
+            p.mul_(20)
+    seqs = [torch.randint(0, 60, (n,)).tolist() for n in (3, 8, 5, 6, 2, 7, 4, 8)]
+    idx, mask = left_pad(seqs, pad_id=0)
+    free = model.generate(idx, 25, temperature=0, prompt_mask=mask)
+    new = free[:, idx.size(1):]
+
+    def first_hits(tok):  # the step at which each row would first emit tok (25 = never)
+        hit = new == tok
+        return torch.where(hit.any(1), hit.float().argmax(1), 25)
+    # as eos, a token at which the rows finish at several different steps, some never
+    eos = max(new.unique().tolist(), key=lambda tok: len(first_hits(tok).unique()))
+    assert len(first_hits(eos).unique()) >= 3
+    batch = model.generate(idx, 25, temperature=0, prompt_mask=mask, eos_id=eos)
+    for i, s in enumerate(seqs):
+        alone = model.generate(torch.tensor([s]), 25, temperature=0, eos_id=eos)
+        assert torch.equal(alone[0, len(s):], batch[i, idx.size(1):])
