@@ -1,7 +1,7 @@
 """
 Offline data selection: score the distilled pool with the PRMs, keep the top-K, train students.
 
-    python select_data.py                                  # ~8 minutes on a 2-core CPU (486 s measured)
+    python select_data.py                                  # ~8 minutes on a 2-core CPU (439 s measured)
     python select_data.py --k=500 --seeds=5
     python select_data.py --selectors=random,rf_total,oracle --budget_tokens=300000
 
