@@ -14,6 +14,10 @@ and its accuracy on held-out questions says how good the selection was. Selector
   response-only PRM   top-K by the baseline PRM's total (trained on final responses, MC labels)
   ReasonFlux-PRM      top-K by total = mean(step) + α·trajectory (α from the checkpoint, 1)
   ReasonFlux step     top-K by mean(step) alone (α = 0): what the trajectory reward adds
+  ReasonFlux, by ops  (not a default; ours, not the paper's) top-K by total within each
+                      number of operations, counted in the question text, in the pool's
+                      proportions: r_final is higher on easier questions, so plain top-K
+                      fills up with them; this row asks what the score picks once that is removed
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
 
@@ -106,6 +110,7 @@ SELECTORS = {
     "response_prm": "response-only PRM",
     "rf_total": "ReasonFlux-PRM",
     "rf_step": "ReasonFlux step (α=0)",
+    "rf_by_ops": "ReasonFlux, by ops",
     "oracle": "oracle: clean (upper bound)",
 }
 HEADLINE = "rf_total"
@@ -137,6 +142,36 @@ def top_k(scores, k):
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
+def n_ops(question):
+    """Operations in a question, counted in its text (operands are positive: every sign is one).
+
+    >>> n_ops("(3 + 4) * 5 - 2")
+    3
+    """
+    return sum(question.count(op) for op in "+-*")
+
+
+def top_k_by_group(scores, groups, k):
+    """Top-k within each group, group sizes in proportion to the pool (largest remainder): exactly k.
+
+    >>> top_k_by_group([0.9, 0.8, 0.1, 0.7, 0.6, 0.5], ["a", "a", "a", "b", "b", "b"], 4)
+    [0, 1, 3, 4]
+    """
+    need(len(scores), k)
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    quota = {g: k * len(m) / len(scores) for g, m in members.items()}
+    take = {g: int(q) for g, q in quota.items()}
+    for g in sorted(quota, key=lambda g: (-(quota[g] - take[g]), str(g)))[:k - sum(take.values())]:
+        take[g] += 1
+    chosen = []
+    for g, m in members.items():
+        if take[g]:
+            chosen += [m[j] for j in top_k([scores[i] for i in m], take[g])]
+    return sorted(chosen, key=lambda i: (-scores[i], i))
+
+
 def answer_right(record):
     """The outcome filter's test: does the response end with the right 'Answer: N' (answer key)?"""
     return task.verify("\n".join(record["response"]), record["answer"])
@@ -161,6 +196,8 @@ def select(key, records, scores, k, seed, hidden_meta=None):
         return random_k(right, k, seed, "set of records with a right final answer")
     if key in ("response_prm", "rf_total", "rf_step"):
         return top_k(scores[key], k)
+    if key == "rf_by_ops":
+        return top_k_by_group(scores["rf_total"], [n_ops(r["question"]) for r in records], k)
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
@@ -390,7 +427,7 @@ def main(argv=None):
     need(len(pool), cfg.k)  # before any scoring or training
     hidden_meta = [r["meta"] for r in pool]
     records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    prm_paths = {"rf": cfg.prm} if {"rf_total", "rf_step"} & set(keys) else {}
+    prm_paths = {"rf": cfg.prm} if {"rf_total", "rf_step", "rf_by_ops"} & set(keys) else {}
     if "response_prm" in keys:
         prm_paths["response"] = cfg.prm_response
     for name, p in prm_paths.items():  # fail now, not after minutes of work

@@ -36,6 +36,25 @@ def test_top_k_is_exact_and_stable_under_ties():
         select_data.top_k([0.1, float("nan"), 0.3], 2)
 
 
+def test_top_k_by_group_keeps_the_pool_proportions_exactly(smoke_data):
+    rng = random.Random(1)
+    for trial in range(20):
+        groups = [rng.choice("abc") for _ in range(50)]
+        scores = [rng.randint(0, 3) for _ in range(50)]   # ties across and within groups
+        k = rng.randint(1, 50)
+        got = select_data.top_k_by_group(scores, groups, k)
+        assert len(got) == k == len(set(got))
+        for g in "abc":
+            kept = [i for i in got if groups[i] == g]
+            share = k * groups.count(g) / 50
+            assert abs(len(kept) - share) < 1, (g, len(kept), share)            # largest remainder
+            in_group = [s if groups[i] == g else -1 for i, s in enumerate(scores)]
+            assert not kept or kept == reference_top_k(in_group, len(kept))     # the best of its group
+    # the difficulty it groups by is read from the question, and agrees with the hidden count
+    pool = read_jsonl(str(smoke_data / "pool.jsonl"))
+    assert all(select_data.n_ops(r["question"]) == r["meta"]["n_ops"] for r in pool)
+
+
 def test_pool_smaller_than_k_is_a_clear_error(smoke_data):
     with pytest.raises(ValueError, match=r"K=5 .*only 3"):
         select_data.top_k([0.1, 0.2, 0.3], 5)
