@@ -863,11 +863,15 @@ def init_distributed(device):
     if int(os.environ.get("RANK", -1)) == -1:
         return 0, 1, device
     import torch.distributed as dist
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda") and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"torchrun started more processes per node than there are GPUs "
+                         f"({torch.cuda.device_count()}): lower --nproc_per_node, or pass --device=cpu (gloo)")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     dist.init_process_group(backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     return rank, world, device
 

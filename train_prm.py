@@ -151,7 +151,7 @@ def mc_response_labels(policy, tok, records, cfg):
             prefix = tok.enc.encode_ordinary("\n".join(r["response"][:j + 1]) + "\n")
             prompts += [base + prefix] * cfg.mc_rollouts
             owners.append((k, j))
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed)  # where sampling runs
     comps = generate_completions(policy, tok, prompts, temperature=1.0, max_new_tokens=64, generator=g,
                                  progress="Monte-Carlo rollouts")
     right = [task.verify(tok.enc.decode([i for i in c if i < tok.eot]), records[owners[n // cfg.mc_rollouts][0]]["answer"])
@@ -196,7 +196,7 @@ def design_rewards(records, tok, policy, cfg):
           f"(align, quality, coherence) = ({w[:, 0].mean():.2f}, {w[:, 1].mean():.2f}, {w[:, 2].mean():.2f}) "
           f"as written, ({w_prob[:, 0].mean():.2f}, {w_prob[:, 1].mean():.2f}, {w_prob[:, 2].mean():.2f}) rescaled")
     print(f"reward design: template-guided rollouts, {cfg.n_rollouts} per trajectory, {len(records):,} trajectories ...")
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed)  # where sampling runs
     r_final = trajectory_reward(policy, tok, records, cfg.n_rollouts, generator=g, progress="template-guided rollouts")
     print(f"reward design: trajectory rewards in {time.time() - t0 - t_step:.1f}s, mean r_final {r_final.mean():.2f}")
     counts = torch.bincount(step_rec, minlength=len(records)).tolist()

@@ -62,7 +62,7 @@ def test_resume_continues_to_the_same_weights(smoke_data, smoke_base, tmp_path):
 
 def test_ddp_two_processes_match_one_process(smoke_data, smoke_base, tmp_path):
     common = ["--smoke", f"--init={smoke_base}", "--eval_questions=0", "--log_every=1", "--max_steps=3",
-              *data_args(smoke_data)]
+              "--device=cpu", *data_args(smoke_data)]   # gloo on the CPU, also on a machine with one GPU
     run_script("sft.py", *common, f"--out_dir={tmp_path / 'one'}")
     run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
                *common, f"--out_dir={tmp_path / 'two'}", env={"OMP_NUM_THREADS": "1"})
