@@ -382,7 +382,7 @@ def main(argv=None):
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": cfg.max_steps, "eval_greedy": greedy["acc"],
                                 "eval_sampled": sampled["acc"]}) + "\n")
-    if world > 1:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by torchrun
         torch.distributed.destroy_process_group()
 
 

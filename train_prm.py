@@ -460,7 +460,7 @@ def main(argv=None):
             print(f"figure: {cfg.out_dir}/score_histograms.png")
         write_json_atomic(os.path.join(cfg.out_dir, "processbench.json"),
                           {"rows": rows, "seconds": times, "config": asdict(cfg), "n_eval": len(eval_records)})
-    if world > 1:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by torchrun
         torch.distributed.destroy_process_group()
 
 
