@@ -259,6 +259,30 @@ def score_unique(prm, records, keys, batch_size, name):
 # report: table, figure, checks
 
 
+def answer_sizes(picked):
+    """'median |answer| m, 0 in p%' of a list of answers (None = no parsable answer)."""
+    sizes = sorted(abs(a) for a in picked if a is not None)
+    median = (sizes[(len(sizes) - 1) // 2] + sizes[len(sizes) // 2]) / 2 if sizes else float("nan")
+    return f"median |answer| {median:g}, 0 in {sum(a == 0 for a in picked) / len(picked):.0%}"
+
+
+def format_picked_answers(scores, answers, questions):
+    """What each scorer picks from ALL of a question's samples, beside the true answers.
+
+    A diagnostic, not a result: a scorer that prefers small answers (the template-guided reward
+    is higher on easy questions, README) picks them whatever the question asks.
+    """
+    Q = len(questions)
+    M = len(answers) // Q
+    idx = torch.arange(M).expand(Q, 1, M)                                         # one subset: all samples
+    lines = [f"answers picked from all {M} samples of each question ({Q} questions):",
+             f"  {'true answers':<24}" + answer_sizes([q["answer"] for q in questions])]
+    for name, s in scores.items():
+        best = pick_best(s, idx)[:, 0]                                           # (Q,)
+        lines.append(f"  {name:<24}" + answer_sizes([answers[q * M + int(b)] for q, b in enumerate(best)]))
+    return "\n".join(lines)
+
+
 def format_table(curves, ns):
     """Best-of-N accuracy against N, one row per chooser (as printed and in out/results.md)."""
     lines = []
@@ -379,6 +403,7 @@ def main(argv=None):
           f"subset estimates {t_estimate:.1f}s")
 
     print(format_table(curves, ns))
+    print(format_picked_answers(scores, answers, questions))
     verdict = checks(curves, per_question, ns)
     png = os.path.join(cfg.out_dir, "tts.png")
     if save_figure(curves, ns, png):

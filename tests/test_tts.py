@@ -101,6 +101,17 @@ def test_n_larger_than_the_samples_is_a_clear_error():
         tts.main(["--n_samples=8", "--ns=1,2,64", "--policy=/nonexistent", "--test=/nonexistent"])
 
 
+def test_picked_answers_are_those_of_the_best_scored_samples():
+    questions = [{"answer": 12}, {"answer": 0}, {"answer": -3}]
+    answers = [12, 0, None,   4, 0, 7,   -3, 5, 0]          # 3 samples per question
+    scores = {"s": torch.tensor([[0.1, 0.9, 0.5], [0.2, 0.2, 0.1], [0.3, 0.1, 0.8]])}
+    text = tts.format_picked_answers(scores, answers, questions)
+    # picks: 0 (score 0.9), 4 (tie 0.2/0.2 -> first), 0 (0.8): |answers| 0, 4, 0
+    assert "true answers            median |answer| 3, 0 in 33%" in text
+    assert "s                       median |answer| 0, 0 in 67%" in text
+    assert tts.answer_sizes([None, 2]) == "median |answer| 2, 0 in 0%"
+
+
 def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_path):
     out = tmp_path / "tts"
     proc = run_script("tts.py", "--smoke", f"--policy={smoke_policy}", f"--prm={smoke_prms['fused']}",
@@ -108,6 +119,7 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
                       f"--out_dir={out}", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                       f"--test={smoke_data}/test.jsonl")
     assert "Best-of-N accuracy" in proc.stdout and "majority vote" in proc.stdout
+    assert "answers picked from all 8 samples" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     curves = res["curves"]
     assert set(curves) == {"ReasonFlux-PRM", "response-only PRM", "outcome scorer", "majority vote",
