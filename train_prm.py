@@ -42,7 +42,7 @@ import task
 import sft
 from rfprm import (PRM, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion,
                    TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
-                   trajectory_reward, encode_for_prm, prm_loss, load_prm, generate_completions,
+                   trajectory_reward, encode_for_prm, prm_loss, load_prm, generate_completions, split_completion,
                    load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                    parse_config, print_config, read_jsonl, write_json_atomic, init_distributed, format_eta)
 
@@ -65,6 +65,7 @@ class PRMConfig:
     tau: float = 0.1               # coherence temperature
     n_negatives: int = 8           # coherence negatives from other trajectories
     n_rollouts: int = 4            # template-guided rollouts per trajectory (r_final)
+    final: str = "template"        # r_final: template (the paper) | relative (ours, see relative_final)
     mc_rollouts: int = 4           # Monte-Carlo completions per response prefix (labels=mc)
     judge_noise: float = 0.0       # a noisier expert: r_qual ← (1 - noise)·judge + noise·U(0, 1)
     # training
@@ -141,6 +142,28 @@ def step_rewards(records, tok, cfg, encode):
     return r_align, r_qual, r_coh, step_rec
 
 
+def plain_success(policy, tok, records, cfg):
+    """p_0: the fraction of n_rollouts samples the policy answers right from the question alone."""
+    print(f"reward design: rollouts without a template, {cfg.n_rollouts} per question, {len(records):,} questions ...")
+    prompts = [encode_prompt(tok, r["question"]) for r in records for _ in range(cfg.n_rollouts)]
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(cfg.seed)
+    comps = generate_completions(policy, tok, prompts, temperature=1.0, max_new_tokens=160, generator=g,
+                                 progress="rollouts without a template")
+    right = [task.verify(split_completion(tok, c)[1], records[k // cfg.n_rollouts]["answer"])
+             for k, c in enumerate(comps)]
+    return torch.tensor(right, dtype=torch.float).view(len(records), cfg.n_rollouts).mean(1)
+
+
+def relative_final(r_final, p0):
+    """(r_final − p_0 + 1) / 2: what the trajectory's template adds to the policy's own success.
+
+    Not the paper's (ours, --final=relative). r_final alone is high on questions the policy finds
+    easy whatever the trajectory (README, Results); subtracting p_0 asks instead whether
+    following this trajectory's plan helps. Mapped to [0, 1] for the sigmoid head.
+    """
+    return [(f - p + 1) / 2 for f, p in zip(r_final, p0)]
+
+
 def mc_response_labels(policy, tok, records, cfg):
     """Math-Shepherd-style labels for each response step: the fraction of policy completions,
     started after that step, that reach the right answer (the last step: the answer itself)."""
@@ -166,6 +189,7 @@ def mc_response_labels(policy, tok, records, cfg):
 
 DESIGN_KEYS = ("n_train", "encoder", "tau", "n_negatives", "n_rollouts", "judge_noise", "seed")
 MC_KEYS = ("n_train", "mc_rollouts", "seed")
+PLAIN_KEYS = ("n_train", "n_rollouts", "seed")
 
 
 def cache_key(cfg, files, keys):
@@ -249,7 +273,14 @@ def targets_for(cfg, records, tok):
     step = fused_steps(parts, cfg.fuse) if cfg.labels == "fused" else parts.get(cfg.labels)
     if step is None:
         raise ValueError(f"--labels must be one of fused, align, quality, coherence, mc, outcome; got {cfg.labels!r}")
-    final = d["final"] if cfg.lam_final > 0 else [float("nan")] * len(records)
+    final = d["final"]
+    if cfg.final == "relative":
+        path = os.path.join(cfg.cache_dir, f"plain-{cache_key(cfg, files, PLAIN_KEYS)}.pt")
+        final = relative_final(final, cached(path, lambda: {"p0": plain_success(load_policy(), tok, records, cfg).tolist()})["p0"])
+    elif cfg.final != "template":
+        raise ValueError(f"--final must be template or relative; got {cfg.final!r}")
+    if cfg.lam_final == 0:
+        final = [float("nan")] * len(records)
     return [{"step": s, "response": [], "final": f} for s, f in zip(step, final)]
 
 

@@ -120,6 +120,18 @@ def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
     assert "reusing" not in third.stdout
 
 
+def test_relative_trajectory_reward(smoke_data, smoke_policy, tmp_path):
+    assert train_prm.relative_final([1.0, 0.5, 0.0], [1.0, 0.25, 0.5]) == [0.5, 0.625, 0.25]
+    args = ["train_prm.py", "--smoke", "--final=relative", f"--policy={smoke_policy}",
+            f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+            f"--cache_dir={tmp_path / 'rewards'}", f"--out_dir={tmp_path / 'prm'}"]
+    proc = run_script(*args)
+    assert "rollouts without a template" in proc.stdout and (tmp_path / "prm" / "ckpt.pt").exists()
+    assert len(list((tmp_path / "rewards").glob("plain-*.pt"))) == 1
+    proc = run_script(*args[:-1], "--final=relativ", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode != 0 and "--final must be template or relative" in proc.stderr
+
+
 def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
     assert train_prm.auroc([0.5, 0.5], [0, 1]) == 0.5
