@@ -4,6 +4,7 @@ Reward design and training of ReasonFlux-PRM, and its evaluation on a synthetic 
     python train_prm.py                        # reward design (cached) + PRM training
     python train_prm.py --eval                 # + baselines and ablations (out/prm_*), the ProcessBench table
     python train_prm.py --labels=mc --out_dir=out/prm_response   # the response-only baseline alone
+    python train_prm.py --final=relative --out_dir=out/prm_rel     # r_final minus the question's own difficulty (ours)
     torchrun --nproc_per_node=2 train_prm.py   # DDP (gloo on CPU)
 
 Reward design (DESIGN §5), for each training record (question x, thinking s_1..s_T, response a):
