@@ -322,7 +322,8 @@ def sample(logits, temperature, top_k=None, generator=None):
     # number per vocabulary entry, which on the CPU costs more than the rest of the step's sampling.
     cdf = F.softmax(logits, -1).cumsum(-1)                                   # (B, V)
     u = torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.size(1) - 1)
+    idx = torch.searchsorted(cdf, u, right=True).squeeze(1)  # the first entry whose cdf exceeds u
+    return idx.clamp_(max=cdf.size(1) - 1)                   # u can round up to the total
 
 
 def left_pad(seqs, pad_id, device="cpu"):
