@@ -274,14 +274,15 @@ def targets_for(cfg, records, tok):
     step = fused_steps(parts, cfg.fuse) if cfg.labels == "fused" else parts.get(cfg.labels)
     if step is None:
         raise ValueError(f"--labels must be one of fused, align, quality, coherence, mc, outcome; got {cfg.labels!r}")
-    final = d["final"]
-    if cfg.final == "relative":
-        path = os.path.join(cfg.cache_dir, f"plain-{cache_key(cfg, files, PLAIN_KEYS)}.pt")
-        final = relative_final(final, cached(path, lambda: {"p0": plain_success(load_policy(), tok, records, cfg).tolist()})["p0"])
-    elif cfg.final != "template":
+    if cfg.final not in ("template", "relative"):
         raise ValueError(f"--final must be template or relative; got {cfg.final!r}")
-    if cfg.lam_final == 0:
+    final = d["final"]
+    if cfg.lam_final == 0:  # "fusion without the trajectory reward"
         final = [float("nan")] * len(records)
+    elif cfg.final == "relative":
+        path = os.path.join(cfg.cache_dir, f"plain-{cache_key(cfg, files, PLAIN_KEYS)}.pt")
+        p0 = cached(path, lambda: {"p0": plain_success(load_policy(), tok, records, cfg).tolist()})["p0"]
+        final = relative_final(final, p0)
     return [{"step": s, "response": [], "final": f} for s, f in zip(step, final)]
 
 

@@ -38,6 +38,7 @@ Where this departs from the paper:
 import itertools
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass, asdict
 
@@ -261,8 +262,8 @@ def score_unique(prm, records, keys, batch_size, name):
 
 def answer_sizes(picked):
     """'median |answer| m, 0 in p%' of a list of answers (None = no parsable answer)."""
-    sizes = sorted(abs(a) for a in picked if a is not None)
-    median = (sizes[(len(sizes) - 1) // 2] + sizes[len(sizes) // 2]) / 2 if sizes else float("nan")
+    sizes = [abs(a) for a in picked if a is not None]
+    median = statistics.median(sizes) if sizes else float("nan")
     return f"median |answer| {median:g}, 0 in {sum(a == 0 for a in picked) / len(picked):.0%}"
 
 
