@@ -720,9 +720,10 @@ class PRM(nn.Module):
         if self.truncated:
             print(f"warning: {self.truncated} of {len(records)} records longer than "
                   f"block_size={self.config.block_size}, truncated")
-        out = []
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i:i + batch_size]
+        order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))  # similar lengths, less padding
+        out = [None] * len(encoded)
+        for i in range(0, len(order), batch_size):
+            chunk = [encoded[k] for k in order[i:i + batch_size]]
             T = max(len(e[0]) for e in chunk)
             idx = torch.full((len(chunk), T), self.tok.eot, dtype=torch.long)
             for j, e in enumerate(chunk):  # right padding: causal attention never looks at it
@@ -731,8 +732,8 @@ class PRM(nn.Module):
             for j, (ids, tp, rp, end, _) in enumerate(chunk):
                 step = [s[j][p] for p in tp]
                 traj = s[j][end]
-                out.append({"step": step, "response": [s[j][p] for p in rp], "trajectory": traj,
-                            "total": (sum(step) / len(step) if step else 0.0) + self.alpha * traj})
+                out[order[i + j]] = {"step": step, "response": [s[j][p] for p in rp], "trajectory": traj,
+                                     "total": (sum(step) / len(step) if step else 0.0) + self.alpha * traj}
         return out
 
 

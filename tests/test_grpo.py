@@ -112,6 +112,31 @@ def test_mu_1_ratio_is_one_and_gradient_is_the_policy_gradient():
     assert abs(float(stats["ratio"]) - 1.0) > 1e-4
 
 
+@pytest.mark.parametrize("agg,per_token", [("token", False), ("sequence", False), ("token", True)])
+def test_length_chunks_take_the_same_step_as_one_batch(agg, per_token):
+    """optimise() in chunks of similar lengths: same parameters after μ = 2 steps, same stats."""
+    torch.manual_seed(0)
+    cfg0 = GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16)
+    X = torch.randint(0, 16, (6, 10))
+    Y = torch.randint(0, 16, (6, 10))
+    Y[:, :2] = -1
+    for i, end in enumerate([10, 4, 7, 3, 9, 5]):   # ragged completions, right-padded
+        Y[i, end:] = -1
+    adv = torch.randn(6, 10) if per_token else torch.randn(6)
+    results = []
+    for chunks in (1, 3):
+        torch.manual_seed(1)
+        model, ref = GPT(cfg0), GPT(cfg0)
+        cfg = grpo.GRPOConfig(mu=2, lr=1e-2, temperature=0.8, loss_agg=agg, chunks=chunks)
+        stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), stats))
+    assert [w for _, w in grpo.length_chunks(Y, 3)] == [10, 7, 4]   # longest first, each as wide as it needs
+    (p1, s1), (p3, s3) = results
+    assert torch.allclose(p1, p3, atol=1e-5)
+    for k in ("loss", "entropy", "kl", "ratio", "clip_frac"):
+        assert float(s1[k]) == pytest.approx(float(s3[k]), abs=1e-5), k
+
+
 def test_process_advantages_hand_computed_reward_to_go():
     # group 1 (rows 0, 1): step rewards 1.0 0.2 0.6 | 0.0 0.7 -> mean 0.5, unbiased std 0.4
     # normalised: 1.25 -0.75 0.25 | -1.25 0.5, read at tokens 1 3 5 | 2 4

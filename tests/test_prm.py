@@ -105,6 +105,19 @@ def test_response_only_prm_reads_thinking_as_response_steps(smoke_prms, smoke_da
     assert len(out["step"]) == len(rec["thinking"]) and len(out["response"]) == len(rec["response"])
 
 
+def test_score_in_length_sorted_batches_keeps_record_order(smoke_prms, smoke_data):
+    """score() batches records by length; every record still gets its own scores, in input order."""
+    prm = load_prm(str(smoke_prms["fused"]), device="cpu")
+    recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:12]
+    recs = sorted(recs, key=lambda r: -len(r["thinking"]))[::2] + sorted(recs, key=lambda r: len(r["thinking"]))[::2]
+    together = prm.score(recs, batch_size=4)
+    for r, o in zip(recs, together):
+        alone = prm.score([r])[0]
+        assert len(o["step"]) == len(r["thinking"])
+        assert o["total"] == pytest.approx(alone["total"], abs=1e-5)
+        assert o["step"] == pytest.approx(alone["step"], abs=1e-5)
+
+
 def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
     args = ["train_prm.py", "--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/pool.jsonl",
             f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"]
