@@ -77,7 +77,7 @@ class GRPOConfig:
     questions_per_step: int = 8          # Q
     group_size: int = 8                  # G completions per question
     mu: int = 1                          # optimisation passes per rollout batch
-    chunks: int = 2                      # the batch goes through in chunks of similar lengths (less padding)
+    chunks: int = 4                      # the batch goes through in chunks of similar lengths (less padding)
     clip_eps: float = 0.2
     clip_high: float = 0.0               # upper clip ε_high; 0 = clip_eps (symmetric); DAPO: 0.28
     kl_coef: float = 0.04
