@@ -1,7 +1,7 @@
 """
 GRPO with ReasonFlux-PRM as a reward: the paper's online setting (DESIGN §5).
 
-    python grpo.py                                    # one run, reward=mix, ~3.5 minutes on a 2-core CPU (210-217 s measured)
+    python grpo.py                                    # one run, reward=mix, ~3 minutes on a 2-core CPU (178-185 s measured)
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,mix@0.75,prm --seeds=3   # the β sweep
