@@ -227,7 +227,7 @@ def length_chunks(Y, n_chunks):
     Right padding to the batch's longest completion wastes about a third of the tokens of a
     rollout batch; chunks of similar lengths waste far less. Returns [(rows, width)].
     """
-    lengths = torch.where(Y >= 0, torch.arange(1, Y.size(1) + 1), 0).amax(1)   # (B,) last target + 1
+    lengths = torch.where(Y >= 0, torch.arange(1, Y.size(1) + 1, device=Y.device), 0).amax(1)  # (B,) last target + 1
     order = lengths.argsort(descending=True)
     return [(rows, max(1, int(lengths[rows[0]]))) for rows in order.chunk(n_chunks) if len(rows)]
 
@@ -244,7 +244,9 @@ def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
     mask = Y >= 0
     adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(Y)   # (B, T)
     chunks = length_chunks(Y, cfg.chunks)
-    share = lambda rows: (mask[rows].sum() / mask.sum().clamp(min=1) if cfg.loss_agg == "token" else len(rows) / len(Y))
+    # each chunk's weight: its share of the batch's tokens (token averaging) or rows (sequence averaging)
+    shares = [mask[rows].sum() / mask.sum().clamp(min=1) if cfg.loss_agg == "token" else len(rows) / len(Y)
+              for rows, _ in chunks]
     ref_logp = torch.zeros(Y.shape, device=Y.device)
     if cfg.kl_coef > 0:
         with torch.no_grad():
@@ -254,7 +256,7 @@ def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
     for k in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         loss, stats = 0.0, {}
-        for rows, w in chunks:
+        for (rows, w), share in zip(chunks, shares):
             logp, ent = token_logprobs(model, X[rows, :w], Y[rows, :w], cfg.temperature, with_entropy=(k == 0))
             if k == 0:
                 old_logp[rows, :w] = logp.detach()
@@ -262,9 +264,9 @@ def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
             part, part_stats = grpo_loss(logp, old_logp[rows, :w], ref_logp[rows, :w] if cfg.kl_coef > 0 else None,
                                          adv[rows, :w], mask[rows, :w], cfg.clip_eps, cfg.kl_coef,
                                          cfg.clip_high or None, cfg.loss_agg)
-            (part * share(rows)).backward()
-            loss = loss + part.detach() * share(rows)
-            stats = {n: stats.get(n, 0.0) + v * share(rows) for n, v in part_stats.items()}
+            (part * share).backward()
+            loss = loss + part.detach() * share
+            stats = {n: stats.get(n, 0.0) + v * share for n, v in part_stats.items()}
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
     return {"loss": loss, "entropy": entropy, "grad_norm": gnorm, **stats}
