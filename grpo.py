@@ -540,6 +540,28 @@ def format_table(summary, n_questions):
     return "\n".join(lines)
 
 
+def format_curves(histories, every, n_eval):
+    """The training curves as text (the figure needs matplotlib), mean over seeds: at each
+    evaluation, held-out greedy accuracy and the sampled accuracy (rule reward) of the steps since
+    the previous one, in %."""
+    lines = [f"\ncurves, mean over seeds: step:held-out accuracy ({n_eval} questions)/sampled accuracy since the last"]
+    for name, runs in histories.items():
+        accs = {}
+        for h in runs:
+            for r in h:
+                if "test_acc" in r:
+                    accs.setdefault(r["step"], []).append(r["test_acc"])
+        cells = []
+        for step in sorted(accs):
+            if len(accs[step]) < len(runs):
+                continue   # a step some seeds have not reached (a run cut short)
+            rule = [r["rule"] for h in runs for r in h if "rule" in r and step - every < r["step"] <= step]
+            sampled = f"/{100 * sum(rule) / len(rule):.0f}" if rule else ""
+            cells.append(f"{step}:{100 * sum(accs[step]) / len(accs[step]):.1f}{sampled}")
+        lines.append(f"{name:<22}" + " ".join(cells))
+    return "\n".join(lines)
+
+
 def save_figure(histories, path):
     """Reward, KL and test accuracy against step, one line per variant (mean over seeds); False without matplotlib."""
     try:
@@ -606,6 +628,7 @@ def main(argv=None):
             histories.setdefault(res["variant"], []).append(read_jsonl(os.path.join(rcfg.out_dir, "metrics.jsonl"), ()))
     summary = summarise(results)
     print(format_table(summary, len(test[:cfg.final_questions])))
+    print(format_curves(histories, cfg.eval_every or cfg.max_steps, len(test[:cfg.eval_questions])))
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"),
                       {"summary": summary, "runs": results, "config": asdict(cfg)})
     if save_figure(histories, os.path.join(cfg.out_dir, "grpo.png")):

@@ -234,3 +234,13 @@ def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_p
     assert (out / "rule" / "seed1338" / "ckpt.pt").exists()
     with pytest.raises(ValueError, match="unknown variant"):
         grpo.parse_variant("best", grpo.GRPOConfig())
+
+
+def test_curves_average_seeds_and_skip_steps_a_seed_did_not_reach():
+    seed_a = [{"step": 0, "test_acc": 0.5}, {"step": 1, "rule": 0.2}, {"step": 2, "rule": 0.4},
+              {"step": 2, "test_acc": 0.6}, {"step": 4, "test_acc": 0.9}]
+    seed_b = [{"step": 0, "test_acc": 0.5}, {"step": 1, "rule": 0.6}, {"step": 2, "rule": 0.8},
+              {"step": 2, "test_acc": 0.7}]   # cut short before step 4
+    text = grpo.format_curves({"rule": [seed_a, seed_b]}, every=2, n_eval=10)
+    line = text.splitlines()[-1]
+    assert line.split()[1:] == ["0:50.0", "2:65.0/50"], line   # sampled: mean of 0.2, 0.4, 0.6, 0.8
