@@ -1,7 +1,7 @@
 """
 GRPO with ReasonFlux-PRM as a reward: the paper's online setting (DESIGN §5).
 
-    python grpo.py                                    # one run, reward=mix, ~3 minutes on a 2-core CPU (178-185 s measured)
+    python grpo.py                                    # one run, reward=mix, ~3 minutes on a 2-core CPU (165-190 s measured)
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,mix@0.75,prm --seeds=3   # the β sweep
@@ -11,7 +11,7 @@ One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
   2. reward every completion o_i:
        rule   r_i = verify(answer) ∈ {0, 1}
-       prm    r_i = total_i / (1 + α), total = mean_t R_φ(step t) + α·R_φ(trajectory) (rescaled to [0, 1])
+       prm    r_i = total_i / (1 + α), total = mean_t R_φ(step t) + α·R_φ(trajectory), α = 1 (--alpha; 0: steps only)
        mix    r_i = (1 − β)·rule_i + β·prm_i   (the paper's mix; β is not stated, its RL code puts 0.75)
   3. group-normalised advantage Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), the same for all tokens;
   4. μ optimisation passes, each one AdamW step, on
@@ -71,6 +71,7 @@ class GRPOConfig:
     # reward
     reward: str = "mix"                  # rule | prm | mix
     beta: float = 0.25                   # weight of the PRM term in mix (the least harmful of the sweep, README)
+    alpha: float = 1.0                   # the PRM's total = mean(step) + α·trajectory; 0: the step score alone
     process: bool = False                # process supervision from the PRM's step scores
     # GRPO
     max_steps: int = 150
@@ -340,7 +341,8 @@ def reward_batch(tok, comps, qs, prm, cfg):
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
         scores = prm.score(records, batch_size=16)   # sorted by length inside: small batches pad little
-        prm_r = torch.tensor([s["total"] for s in scores]) / (1 + prm.alpha)   # [0, 1] like the rule reward
+        total = [(sum(s["step"]) / len(s["step"]) if s["step"] else 0.0) + cfg.alpha * s["trajectory"] for s in scores]
+        prm_r = torch.tensor(total) / (1 + cfg.alpha)   # total with this run's α, in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
         out.update(prm=prm_r, scores=scores, reward=(1 - beta) * rule + beta * prm_r)
     elif cfg.reward != "rule":
@@ -348,13 +350,13 @@ def reward_batch(tok, comps, qs, prm, cfg):
     return out
 
 
-def advantages_for(Y, rew, prm, tok, tables, cfg):
+def advantages_for(Y, rew, tok, tables, cfg):
     """Outcome advantages (B,), or with process supervision per-token advantages (B, T)."""
     if not cfg.process:
         return group_advantages(rew["reward"], cfg.group_size, cfg.scale_std)
     if rew["scores"] is None:
         raise ValueError("--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
-    r, pos, m = process_inputs(Y, rew["scores"], prm.alpha, tok, tables)
+    r, pos, m = process_inputs(Y, rew["scores"], cfg.alpha, tok, tables)
     a_proc = process_advantages(r, pos, m, cfg.group_size, Y.size(1), cfg.scale_std)
     beta = 1.0 if cfg.reward == "prm" else cfg.beta
     a_rule = group_advantages(rew["rule"], cfg.group_size, cfg.scale_std)
@@ -465,7 +467,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         qs, prompts, comps = rollout(model, tok, questions, cfg, step, device)
         rew = reward_batch(tok, comps, qs, prm, cfg)
         X, Y = sft.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
-        adv = advantages_for(Y, rew, prm, tok, tables, cfg)
+        adv = advantages_for(Y, rew, tok, tables, cfg)
         stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
 
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
@@ -501,7 +503,8 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
 def variant_name(cfg):
     name = cfg.reward + ("+process" if cfg.process else "")
-    return name + (f" β={cfg.beta:g}" if cfg.reward == "mix" else "")
+    name += f" β={cfg.beta:g}" if cfg.reward == "mix" else ""
+    return name + (f" α={cfg.alpha:g}" if cfg.reward != "rule" and cfg.alpha != 1.0 else "")
 
 
 def parse_variant(spec, cfg):
@@ -618,7 +621,7 @@ def main(argv=None):
     results, histories = [], {}
     for run in runs:
         for k in range(cfg.seeds):
-            name = variant_name(run).replace(" β=", "_b").replace("+", "_")
+            name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_")
             rcfg = replace(run, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}"),
                            variants="", seeds=1)
             print(f"=== {variant_name(rcfg)}, seed {rcfg.seed} ===")

@@ -244,3 +244,21 @@ def test_curves_average_seeds_and_skip_steps_a_seed_did_not_reach():
     text = grpo.format_curves({"rule": [seed_a, seed_b]}, every=2, n_eval=10)
     line = text.splitlines()[-1]
     assert line.split()[1:] == ["0:50.0", "2:65.0/50"], line   # sampled: mean of 0.2, 0.4, 0.6, 0.8
+
+
+def test_alpha_zero_rewards_the_step_score_alone(smoke_data, smoke_prms):
+    from rfprm import load_prm
+    prm = load_prm(str(smoke_prms["fused"]), "cpu")
+    tok = prm.tok
+    q = {"question": "2 + 3 * 4", "answer": 14}
+    comps = [encode_completion(tok, ["first, 3 * 4 = 12", "then 2 + 12 = 14"], ["1. 3 * 4 = 12", "2. 2 + 12 = 14",
+                                                                               "Answer: 14"]),
+             encode_completion(tok, ["2 + 3 = 5", "5 * 4 = 20"], ["Answer: 20"])]
+    for alpha in (1.0, 0.0):
+        rew = grpo.reward_batch(tok, comps, [q, q], prm, grpo.GRPOConfig(reward="prm", alpha=alpha))
+        steps = [sum(s["step"]) / len(s["step"]) for s in rew["scores"]]
+        traj = [s["trajectory"] for s in rew["scores"]]
+        want = [(m + alpha * t) / (1 + alpha) for m, t in zip(steps, traj)]
+        assert rew["prm"].tolist() == pytest.approx(want, abs=1e-6)
+    assert grpo.variant_name(grpo.GRPOConfig(reward="mix", alpha=0.0)) == "mix β=0.25 α=0"
+    assert grpo.variant_name(grpo.GRPOConfig(reward="rule", alpha=0.0)) == "rule"
