@@ -3,6 +3,7 @@ Reward design and training of ReasonFlux-PRM, and its evaluation on a synthetic 
 
     python train_prm.py                        # reward design (cached) + PRM training
     python train_prm.py --eval                 # + baselines and ablations (out/prm_*), the ProcessBench table
+    python train_prm.py --eval --rows=main,quality   # only those rows of the table
     python train_prm.py --labels=mc --out_dir=out/prm_response   # the response-only baseline alone
     python train_prm.py --final=relative --out_dir=out/prm_rel     # r_final minus the question's own difficulty (ours)
     torchrun --nproc_per_node=2 train_prm.py   # DDP (gloo on CPU)
@@ -89,6 +90,8 @@ class PRMConfig:
     # evaluation
     eval: bool = False             # train the baselines and ablations too, print the table
     eval_records: int = 2000
+    rows: str = ""                 # with --eval: the table's rows to train, by out_dir suffix
+                                   # ("main,quality,response"; "main" is ReasonFlux-PRM); empty: all
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
@@ -457,6 +460,16 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
 ]
 
 
+def chosen_variants(rows):
+    """The VARIANTS named in --rows (by out_dir suffix, "main" for ReasonFlux-PRM), in table order."""
+    keys = {(v[1].lstrip("_") or "main"): v for v in VARIANTS}
+    wanted = [r.strip() for r in rows.split(",") if r.strip()] or list(keys)
+    unknown = [r for r in wanted if r not in keys]
+    if unknown:
+        raise ValueError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
+    return [v for k, v in keys.items() if k in wanted]
+
+
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
     device = pick_device(cfg.device)
@@ -467,7 +480,7 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    variants = VARIANTS if cfg.eval else VARIANTS[:1]
+    variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]
     times, all_scores, rows = {}, {}, {}
     eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
     for name, suffix, over in variants:

@@ -154,6 +154,14 @@ def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
 
 
+def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
+    assert [v[0] for v in train_prm.chosen_variants("")] == [v[0] for v in train_prm.VARIANTS]
+    picked = train_prm.chosen_variants("response, main")
+    assert [v[1] for v in picked] == ["", "_response"]
+    with pytest.raises(ValueError, match="unknown quailty"):
+        train_prm.chosen_variants("main,quailty")
+
+
 def test_score_cli_prints_every_step(smoke_prms, smoke_data):
     out = run_script("rfprm.py", "score", str(smoke_data / "pool.jsonl"), f"--prm={smoke_prms['fused']}", "--n=2").stdout
     recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:2]
