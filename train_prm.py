@@ -434,7 +434,9 @@ def save_histograms(all_scores, records, path):
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, len(all_scores), figsize=(3.2 * len(all_scores), 2.6))
+    # squeeze=False: a row of axes even for one scorer (--rows=response), not a bare Axes
+    fig, axes = plt.subplots(1, len(all_scores), figsize=(3.2 * len(all_scores), 2.6), squeeze=False)
+    axes = axes[0]
     for ax, (name, scores) in zip(axes, all_scores.items()):
         good = [s["total"] for s, r in zip(scores, records) if r["meta"]["good"]]
         bad = [s["total"] for s, r in zip(scores, records) if not r["meta"]["good"]]

@@ -162,6 +162,14 @@ def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
         train_prm.chosen_variants("main,quailty")
 
 
+def test_histogram_figure_for_a_single_scorer(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [{"meta": {"good": g}} for g in (True, False, True, False)]
+    scores = {"response-only PRM (MC)": [{"total": x} for x in (0.9, 0.2, 0.8, 0.4)]}
+    path = str(tmp_path / "hist.png")
+    assert train_prm.save_histograms(scores, records, path) and (tmp_path / "hist.png").stat().st_size > 0
+
+
 def test_score_cli_prints_every_step(smoke_prms, smoke_data):
     out = run_script("rfprm.py", "score", str(smoke_data / "pool.jsonl"), f"--prm={smoke_prms['fused']}", "--n=2").stdout
     recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:2]
