@@ -474,6 +474,9 @@ def chosen_variants(rows):
 
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
+    if cfg.rows and not cfg.eval:
+        raise ValueError("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
+    variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
@@ -482,7 +485,6 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
     os.makedirs(cfg.out_dir, exist_ok=True)
-    variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]
     times, all_scores, rows = {}, {}, {}
     eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
     for name, suffix, over in variants:

@@ -160,6 +160,8 @@ def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
     assert [v[1] for v in picked] == ["", "_response"]
     with pytest.raises(ValueError, match="unknown quailty"):
         train_prm.chosen_variants("main,quailty")
+    with pytest.raises(ValueError, match="add --eval"):
+        train_prm.main(["--rows=quality"])
 
 
 def test_histogram_figure_for_a_single_scorer(tmp_path):
