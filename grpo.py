@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import task
 import sft
 from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_completions,
-                   load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, load_prm,
+                   load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, load_prm, prm_total,
                    pick_device, parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
 
 
@@ -341,8 +341,8 @@ def reward_batch(tok, comps, qs, prm, cfg):
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
         scores = prm.score(records, batch_size=16)   # sorted by length inside: small batches pad little
-        total = [(sum(s["step"]) / len(s["step"]) if s["step"] else 0.0) + cfg.alpha * s["trajectory"] for s in scores]
-        prm_r = torch.tensor(total) / (1 + cfg.alpha)   # total with this run's α, in [0, 1] like the rule reward
+        total = [prm_total(s, cfg.alpha) for s in scores]   # this run's α, not the checkpoint's
+        prm_r = torch.tensor(total) / (1 + cfg.alpha)      # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
         out.update(prm=prm_r, scores=scores, reward=(1 - beta) * rule + beta * prm_r)
     elif cfg.reward != "rule":

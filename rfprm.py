@@ -732,9 +732,16 @@ class PRM(nn.Module):
             for j, (ids, tp, rp, end, _) in enumerate(chunk):
                 step = [s[j][p] for p in tp]
                 traj = s[j][end]
-                out[order[i + j]] = {"step": step, "response": [s[j][p] for p in rp], "trajectory": traj,
-                                     "total": (sum(step) / len(step) if step else 0.0) + self.alpha * traj}
+                rec = {"step": step, "response": [s[j][p] for p in rp], "trajectory": traj}
+                out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha)}
         return out
+
+
+def prm_total(score, alpha):
+    """The paper's record score: mean_t R(step t) + α · R(trajectory); a record without thinking
+    steps has mean step score 0. α = 0 gives the step score alone (the paper's α ablation)."""
+    step = score["step"]
+    return (sum(step) / len(step) if step else 0.0) + alpha * score["trajectory"]
 
 
 def encode_for_prm(tok, record, mode="full", block_size=None):

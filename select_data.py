@@ -68,8 +68,8 @@ import torch
 
 import sft
 import task
-from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm, pick_device,
-                   parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm, prm_total,
+                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint, format_eta)
 
 
 @dataclass
@@ -227,7 +227,7 @@ def score_pool(path, records, batch_size, device, name):
     for j in range(0, len(order), chunk):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
-            out[i] = (sum(s["step"]) / len(s["step"]) if s["step"] else 0.0, s["total"])
+            out[i] = (prm_total(s, alpha=0.0), s["total"])   # (mean step score, total)
         done = min(len(order), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(order):,} records | "
               f"eta {format_eta((time.time() - t0) / done * (len(order) - done))}")

@@ -9,6 +9,7 @@ import torch
 from conftest import run_script
 from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, GPTConfig,
                    prm_loss, load_prm, load_tokenizer, Tok, prm_tokens)
+import rfprm
 import train_prm
 
 
@@ -152,6 +153,12 @@ def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.first_error_predictions(steps, 0.5) == [1, -1, 0]
     assert train_prm.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
     assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_total_is_mean_step_plus_alpha_trajectory():
+    assert rfprm.prm_total({"step": [0.2, 0.6], "trajectory": 0.5}, 1.0) == pytest.approx(0.9)
+    assert rfprm.prm_total({"step": [0.2, 0.6], "trajectory": 0.5}, 0.0) == pytest.approx(0.4)
+    assert rfprm.prm_total({"step": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
 
 
 def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
