@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rfprm import GPT, GPTConfig, PRM, parse_config, pick_device, print_config
+from rfprm import GPT, GPTConfig, PRM, parse_config, score_batch_size, pick_device, print_config
 from sft import make_optimizer
 
 
@@ -64,7 +64,8 @@ class BenchConfig:
     gen_batch: int = 64
     prompt_len: int = 32
     new_tokens: int = 64
-    prm_batch: int = 64
+    prm_batch: int = 64            # records scored ...
+    prm_rows: int = 0              # ... this many per forward (0: as PRM.score does)
     hf: bool = True                # compare with transformers' GPT-2 when importable
     seed: int = 1337
     smoke: bool = False
@@ -73,7 +74,7 @@ class BenchConfig:
 # one thread: on a small machine shared with other jobs, multi-threaded ops stall at their barriers
 SMOKE = dict(matmul_sizes="256,512", threads=1, hf=False, repeats=1, warmup=1, train_steps=1,
              n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, default_batch_size=1,
-             gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2)
+             gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2, prm_rows=2)
 
 
 def n_matmul_params(cfg, prm=False):
@@ -198,15 +199,18 @@ def gen_tok_s(model, cfg, device):
 
 
 def prm_tok_s(gcfg, cfg, device):
-    """PRM scoring tokens/s: forward of rfprm.PRM on (prm_batch, block_size) token ids, no grad."""
+    """PRM scoring tokens/s: forward of rfprm.PRM on prm_batch rows of block_size token ids, no grad,
+    prm_rows at a time (0: as PRM.score batches them, rfprm.score_batch_size)."""
     prm = PRM(gcfg).to(device).eval()
     fwd = torch.compile(prm) if cfg.compile else prm
+    rows = cfg.prm_rows or score_batch_size(device)
     x = torch.randint(gcfg.vocab_size, (cfg.prm_batch, gcfg.block_size),
                       generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    score_all = lambda: [fwd(x[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
     with torch.no_grad(), autocast(device):
         for _ in range(cfg.warmup):
-            fwd(x)
-        t = min(timed(lambda: fwd(x), device) for _ in range(cfg.repeats))
+            score_all()
+        t = min(timed(score_all, device) for _ in range(cfg.repeats))
     return cfg.prm_batch * gcfg.block_size / t
 
 
@@ -243,7 +247,8 @@ def bench_shape(label, gcfg, batch, cfg, device, emit):
         print("note: transformers is not importable, gen_tok_s_hf skipped (pip install transformers)")
 
     tok_s, fpt = prm_tok_s(gcfg, cfg, device), flops_per_token(gcfg, T, train=False, prm=True)
-    emit("prm_tok_s", tok_s, "tokens/s", records_s=float(f"{tok_s / T:.6g}"), batch=cfg.prm_batch, **ctx)
+    emit("prm_tok_s", tok_s, "tokens/s", records_s=float(f"{tok_s / T:.6g}"), batch=cfg.prm_batch,
+         rows_per_forward=cfg.prm_rows or score_batch_size(device), **ctx)
     mfu["prm_mfu"] = (tok_s, fpt, dict(batch=cfg.prm_batch, **ctx))
 
     emit("peak_rss_mb", peak_rss_mb(), "MB", note="process peak so far", **ctx)

@@ -340,7 +340,7 @@ def reward_batch(tok, comps, qs, prm, cfg):
     rule = torch.tensor(rule)
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
-        scores = prm.score(records, batch_size=16)   # sorted by length inside: small batches pad little
+        scores = prm.score(records)   # sorted by length inside: small batches pad little
         total = [prm_total(s, cfg.alpha) for s in scores]   # this run's α, not the checkpoint's
         prm_r = torch.tensor(total) / (1 + cfg.alpha)      # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta

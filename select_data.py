@@ -68,8 +68,9 @@ import torch
 
 import sft
 import task
-from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm, prm_total,
-                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm,
+                   prm_total, pick_device, parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint,
+                   format_eta)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class SelectConfig:
     min_lr: float = 2e-4
     warmup_steps: int = 30
     eval_questions: int = 500      # held-out questions, the same for every student
-    score_batch_size: int = 256    # PRM scoring batch
+    score_batch_size: int = 0      # rows per PRM forward (0: rfprm.score_batch_size, 16 on a CPU)
     cache_dir: str = ""            # pool scores, keyed by pool and checkpoint bytes ("" = out_dir)
     device: str = ""
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
@@ -100,7 +101,7 @@ class SelectConfig:
 
 
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
-SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16, score_batch_size=64)
+SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
@@ -223,7 +224,7 @@ def score_pool(path, records, batch_size, device, name):
     """
     prm = load_prm(path, device)
     order = sorted(range(len(records)), key=lambda i: len(records[i]["thinking"]) + len(records[i]["response"]))
-    out, t0, chunk = [None] * len(records), time.time(), 16 * batch_size
+    out, t0, chunk = [None] * len(records), time.time(), 4096  # records per progress line
     for j in range(0, len(order), chunk):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):

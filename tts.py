@@ -65,7 +65,7 @@ class TTSConfig:
     n_subsets: int = 1000          # subsets per question and N (all of them when fewer exist)
     temperature: float = 1.0
     max_new_tokens: int = 160      # the pool's longest record is ~140 tokens with its prompt
-    batch_size: int = 128          # rows per batch: larger waits longer on the longest sample (measured)
+    batch_size: int = 128          # rows per sampling batch: larger waits longer on the longest sample (measured)
     seed: int = 1337
     device: str = ""
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
@@ -234,21 +234,21 @@ def to_records(tok, questions, comps, n_samples):
     return records, answers, correct
 
 
-def score_unique(prm, records, keys, batch_size, name):
+def score_unique(prm, records, keys, chunk, name):
     """PRM totals of records (a list of floats), scoring each distinct key once, with ETA.
 
     A sharp policy repeats itself, so identical (question, completion) pairs are scored once;
     records are scored in order of their number of lines (a proxy for length), so that a
-    batch carries little padding.
+    batch carries little padding; `chunk` records per progress line.
     """
     first = {}
     for i, k in enumerate(keys):
         first.setdefault(k, i)
     uniq = sorted(first.values(), key=lambda i: len(records[i]["thinking"]) + len(records[i]["response"]))
-    total, t0, chunk = {}, time.time(), 2 * batch_size
+    total, t0 = {}, time.time()
     for j in range(0, len(uniq), chunk):
         part = uniq[j:j + chunk]
-        for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
+        for i, s in zip(part, prm.score([records[i] for i in part])):
             total[i] = s["total"]
         done = min(len(uniq), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(uniq):,} distinct samples | "
@@ -388,7 +388,7 @@ def main(argv=None):
     keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
     scores, n_unique = {}, 0
     for name, path in prm_paths.items():
-        totals, n_unique = score_unique(load_prm(path, device), records, keys, cfg.batch_size, name)
+        totals, n_unique = score_unique(load_prm(path, device), records, keys, 2 * cfg.batch_size, name)
         scores[name] = torch.tensor(totals).view(len(questions), cfg.n_samples)
     t_score = time.time() - t0 - t_sample
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_script
 from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, GPTConfig,
-                   prm_loss, load_prm, load_tokenizer, Tok, prm_tokens)
+                   prm_loss, load_prm, load_tokenizer, Tok, prm_tokens, score_batch_size)
 import rfprm
 import train_prm
 
@@ -117,6 +117,19 @@ def test_score_in_length_sorted_batches_keeps_record_order(smoke_prms, smoke_dat
         assert len(o["step"]) == len(r["thinking"])
         assert o["total"] == pytest.approx(alone["total"], abs=1e-5)
         assert o["step"] == pytest.approx(alone["step"], abs=1e-5)
+
+
+def test_score_forwards_cache_sized_batches_on_cpu(smoke_prms, smoke_data):
+    """By default a CPU scores 16 rows per forward (rfprm.score_batch_size), not all records at once."""
+    prm = load_prm(str(smoke_prms["fused"]), device="cpu")
+    recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:40]
+    rows = []
+    hook = prm.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
+    try:
+        prm.score(recs)
+    finally:
+        hook.remove()
+    assert rows == [16, 16, 8] and score_batch_size("cpu") == 16 and score_batch_size("cuda") == 256
 
 
 def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
