@@ -687,7 +687,7 @@ def prm_tokens(tok, question, thinking, response, block_size=None):
 
 def score_batch_size(device):
     """Rows per PRM forward when scoring. On a CPU, 16 rows of <= 256 tokens keep a layer's
-    activations in cache; 64 or 256 rows stream them through memory and score 1.3-1.5x fewer
+    activations in cache; 64 or 256 rows stream them through memory and score 1.2-1.5x fewer
     tokens/s (README, Performance). On a GPU, large batches: fewer kernel launches."""
     return 16 if torch.device(device).type == "cpu" else 256
 
