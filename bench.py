@@ -198,12 +198,11 @@ def gen_tok_s(model, cfg, device):
     return {name: cfg.gen_batch * new / t for name, t in best.items()}
 
 
-def prm_tok_s(gcfg, cfg, device):
+def prm_tok_s(gcfg, cfg, device, rows):
     """PRM scoring tokens/s: forward of rfprm.PRM on prm_batch rows of block_size token ids, no grad,
-    prm_rows at a time (0: as PRM.score batches them, rfprm.score_batch_size)."""
+    `rows` at a time."""
     prm = PRM(gcfg).to(device).eval()
     fwd = torch.compile(prm) if cfg.compile else prm
-    rows = cfg.prm_rows or score_batch_size(device)
     x = torch.randint(gcfg.vocab_size, (cfg.prm_batch, gcfg.block_size),
                       generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     score_all = lambda: [fwd(x[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
@@ -246,9 +245,10 @@ def bench_shape(label, gcfg, batch, cfg, device, emit):
     elif cfg.hf:
         print("note: transformers is not importable, gen_tok_s_hf skipped (pip install transformers)")
 
-    tok_s, fpt = prm_tok_s(gcfg, cfg, device), flops_per_token(gcfg, T, train=False, prm=True)
+    rows = cfg.prm_rows or score_batch_size(device)  # 0: as PRM.score batches records
+    tok_s, fpt = prm_tok_s(gcfg, cfg, device, rows), flops_per_token(gcfg, T, train=False, prm=True)
     emit("prm_tok_s", tok_s, "tokens/s", records_s=float(f"{tok_s / T:.6g}"), batch=cfg.prm_batch,
-         rows_per_forward=cfg.prm_rows or score_batch_size(device), **ctx)
+         rows_per_forward=rows, **ctx)
     mfu["prm_mfu"] = (tok_s, fpt, dict(batch=cfg.prm_batch, **ctx))
 
     emit("peak_rss_mb", peak_rss_mb(), "MB", note="process peak so far", **ctx)
