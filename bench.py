@@ -10,8 +10,8 @@ What it measures, in one process so that ratios hold on a noisy machine:
 * matmul_gflops: the fp32 matmul peak of this machine (bf16 on CUDA, the dtype autocast
   trains in), best over a few square sizes, measured before and after the models (the
   best of both); the denominator of every MFU below.
-* train_tok_s, train_mfu: forward + backward + grad clip + AdamW step (sft.make_optimizer)
-  on a random token batch, as sft.train does it.
+* train_tok_s, train_mfu: forward + backward + grad clip + AdamW step (training.make_optimizer)
+  on a random token batch, as training.train does it.
 * gen_tok_s_kv, gen_tok_s_recompute, gen_tok_s_hf: new tokens/s of GPT.generate with and
   without the KV cache (temperature 1, no eos: every row runs the full length), and of Hugging
   Face's GPT2LMHeadModel.generate at the same shape when `transformers` is importable (an
@@ -21,7 +21,7 @@ What it measures, in one process so that ratios hold on a noisy machine:
 
 Every figure is the BEST (fastest) of `repeats` timed runs, after warmup. First at the
 reference shape (4 layers, 4 heads, 256 wide, block 256, training batch 16), then at the
-project's default shape (rfprm.GPTConfig defaults, training batch 8 as in sft.py).
+project's default shape (model.GPTConfig defaults, training batch 8 as in sft.py).
 One JSON line per figure on stdout and in out/bench/bench.jsonl; a table at the end.
 """
 
@@ -36,8 +36,9 @@ from types import SimpleNamespace
 
 import torch
 
-from rfprm import GPT, GPTConfig, PRM, parse_config, score_batch_size, pick_device, print_config
-from sft import make_optimizer
+from model import GPT, GPTConfig
+from training import make_optimizer, parse_config, pick_device, print_config
+from rfprm import PRM, score_batch_size
 
 
 @dataclass
@@ -58,7 +59,7 @@ class BenchConfig:
     block_size: int = 256
     vocab_size: int = 512
     batch_size: int = 16           # training batch at the reference shape (x block_size tokens)
-    default_shape: bool = True     # also measure rfprm.GPTConfig() ...
+    default_shape: bool = True     # also measure model.GPTConfig() ...
     default_batch_size: int = 8    # ... at sft.py's training batch
     # generation and PRM scoring
     gen_batch: int = 64

@@ -55,9 +55,12 @@ import torch.nn.functional as F
 
 import task
 import sft
-from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_completions,
-                   load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, load_prm, prm_total,
-                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+import training
+from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
+from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
+                      save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
+                      write_json_atomic, format_eta)
+from rfprm import load_prm, prm_total
 
 
 @dataclass
@@ -431,7 +434,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
     init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
     model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
     ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
-    optimizer = sft.make_optimizer(model, cfg, device)
+    optimizer = training.make_optimizer(model, cfg, device)
     tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
     final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
 
@@ -460,13 +463,13 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
     t0 = time.time()
     for step in range(start, cfg.max_steps):
-        lr = sft.get_lr(step, cfg)
+        lr = training.get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective
         qs, prompts, comps = rollout(model, tok, questions, cfg, step, device)
         rew = reward_batch(tok, comps, qs, prm, cfg)
-        X, Y = sft.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
+        X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
         adv = advantages_for(Y, rew, tok, tables, cfg)
         stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
 

@@ -23,7 +23,7 @@ and its accuracy on held-out questions says how good the selection was. Selector
 
 Protocol. One row per seed: in row s, every selector's student starts from the same
 checkpoint (--init, the sft.py policy), trains with seed s (batch order) and, for the
-random selectors, also selects with seed s. Every student sees the same number of target tokens: sft.train draws
+random selectors, also selects with seed s. Every student sees the same number of target tokens: training.train draws
 the batch of step t from (seed, t) alone, so the tokens of each step are known before
 training, and a student trains for the fewest steps whose batches hold --budget_tokens
 (selected sets differ in length, so equal steps would not be equal tokens; the counts then
@@ -67,10 +67,12 @@ from dataclasses import dataclass, asdict
 import torch
 
 import sft
+import training
 import task
-from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, load_checkpoint, model_from_checkpoint, load_prm,
-                   prm_total, pick_device, parse_config, print_config, read_jsonl, write_json_atomic, save_checkpoint,
-                   format_eta)
+from model import Tok, DEFAULT_VOCAB, load_tokenizer
+from training import (load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
+                      read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+from rfprm import load_prm, prm_total
 
 
 @dataclass
@@ -260,22 +262,22 @@ def student_config(cfg, seed, max_steps, device):
 
 
 def batch_tokens(records, tok, block_size, batch_size, seed):
-    """The target tokens of each batch sft.train will draw on `records`, step after step (a generator).
+    """The target tokens of each batch training.train will draw on `records`, step after step (a generator).
 
-    sft.train packs the records as below and draws the batch of step t from (seed, t) alone
-    (sft.batch_indices), so every step's tokens are known before training.
+    training.train packs the records as below and draws the batch of step t from (seed, t) alone
+    (training.batch_indices), so every step's tokens are known before training.
     """
-    X, Y = sft.pack(sft.build_examples(records, tok), block_size, tok.eot)
+    X, Y = training.pack(sft.build_examples(records, tok), block_size, tok.eot)
     n_targets = (Y != -1).sum(1)                                   # (N,) target tokens per example
-    order = torch.argsort(sft.target_lengths(Y), stable=True)     # as sft.train orders them
+    order = torch.argsort(training.target_lengths(Y), stable=True)     # as training.train orders them
     step = 0
     while True:
-        yield int(n_targets[sft.batch_indices(step, order, batch_size, seed)].sum())
+        yield int(n_targets[training.batch_indices(step, order, batch_size, seed)].sum())
         step += 1
 
 
 def plan_steps(records, tok, block_size, budget, batch_size, seed):
-    """(steps, target tokens) of the shortest run of sft.train on `records` that sees >= budget tokens.
+    """(steps, target tokens) of the shortest run of training.train on `records` that sees >= budget tokens.
 
     Students on sets of different lengths then see the same budget within one batch.
     """

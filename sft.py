@@ -22,21 +22,20 @@ of how much data quality matters (an upper bound), not a method: nothing else tr
 """
 
 import json
-import math
 import os
 import random
 import time
 from dataclasses import dataclass, asdict
 
 import torch
-import torch.nn.functional as F
 
 import task
-from rfprm import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size,
-                   encode_prompt, encode_completion, split_completion, generate_completions,
-                   save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
-                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic,
-                   init_distributed, all_reduce_sum, format_eta)
+from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
+                   encode_completion, split_completion)
+from training import (generate_completions, save_checkpoint, load_checkpoint, model_from_checkpoint,
+                      make_checkpoint, pick_device, parse_config, print_config, read_jsonl,
+                      write_json_atomic, init_distributed, make_optimizer, train, pack, lm_batch_loss,
+                      target_lengths)
 
 
 @dataclass
@@ -110,28 +109,6 @@ def build_examples(records, tok, template_frac=0.0, seed=0):
     return examples
 
 
-def pack(examples, block_size, pad_id):
-    """Right-pad examples into X, Y of shape (N, L): Y = next token, -1 on prompt and padding.
-
-    The loss mask is by position, not by token id: the completion's own <|endoftext|> is
-    a target (pad = eot would otherwise mask it and the model would never learn to stop).
-    """
-    L = min(block_size, max(len(p) + len(c) for p, c in examples))
-    X = torch.full((len(examples), L), pad_id, dtype=torch.long)
-    Y = torch.full((len(examples), L), -1, dtype=torch.long)
-    n_cut = 0
-    for i, (p, c) in enumerate(examples):  # once, before training
-        seq = (p + c)[:L + 1]
-        n_cut += len(p) + len(c) > L + 1
-        x, y = seq[:-1], seq[1:]
-        X[i, :len(x)] = torch.tensor(x)
-        Y[i, :len(y)] = torch.tensor(y)
-        Y[i, :max(0, len(p) - 1)] = -1  # no loss on predicting the prompt
-    if n_cut:
-        print(f"warning: {n_cut} of {len(examples)} examples truncated to block_size={block_size}")
-    return X, Y
-
-
 def fact_examples(path, tok, block_size):
     """Facts packed into rows of about block_size tokens, every token a target."""
     with open(path) as f:
@@ -172,114 +149,6 @@ def format_accuracy(name, res):
 
 # ----------------------------------------------------------------------------
 # training
-
-def get_lr(it, cfg):
-    """Linear warmup, then cosine decay to min_lr at max_steps."""
-    if it < cfg.warmup_steps:
-        return cfg.lr * (it + 1) / cfg.warmup_steps
-    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, ratio))) * (cfg.lr - cfg.min_lr)
-
-
-def make_optimizer(model, cfg, device):
-    """AdamW; weight decay on matrices only (nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.startswith("cuda")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
-
-
-def target_lengths(Y):
-    """The length of each example: its last target position + 1."""
-    pos = torch.arange(Y.size(1)).expand_as(Y)
-    return torch.where(Y != -1, pos, -1).max(1).values + 1
-
-
-def batch_indices(step, order, batch_size, seed, rank=0, world=1):
-    """The global batch of step `step` (same on every rank and after a resume); this rank's share.
-
-    A batch is a random window of `order` (examples sorted by length), so its rows have
-    similar lengths and little padding: ~1.4x fewer tokens than random rows on the pool.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    start = torch.randint(len(order), (1,), generator=g)
-    idx = order[(start + torch.arange(batch_size)) % len(order)]
-    return idx[rank::world]
-
-
-def lm_batch_loss(X, Y, device, world=1):
-    """The SFT loss of a batch: cross-entropy on target tokens (Y != -1).
-
-    Summed over this rank's targets and divided by the *global* count (times the world
-    size): after DDP averages gradients, every run sees the same global-batch mean,
-    whatever the number of processes. Returns (loss, global target count).
-    """
-    def batch_loss(model, idx):
-        y = Y[idx]
-        L = int((y != -1).any(0).nonzero().max()) + 1  # trim the padded tail shared by the batch
-        x, y = X[idx, :L].to(device, non_blocking=True), y[:, :L].to(device, non_blocking=True)
-        n_global = all_reduce_sum((y != -1).sum().float())
-        _, loss_tok = model(x, y, loss_reduction="none")
-        return loss_tok.sum() / n_global * world, int(n_global)
-    return batch_loss
-
-
-def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, ckpt_fn=None,
-          start_step=0, optimizer=None, metrics_path=None, stop_at=0):
-    """The training loop: cosine LR, grad clip, one log line per `log_every` steps, checkpoints.
-
-    batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
-    lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
-    loss or gradient stops the run, naming the step, before anything else is logged or saved:
-    the last checkpoint on disk stays the last good one.
-    Returns {"tokens": targets seen, "loss": last logged loss}.
-    """
-    optimizer = optimizer or make_optimizer(model, cfg, device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
-    model.train()
-    order = torch.argsort(lengths, stable=True)
-    tokens_seen, t0, loss_val = 0, time.time(), float("nan")
-    # the first step with a non-finite loss or gradient, -1 if none: kept as a tensor so that
-    # checking it costs no sync per step; read only where we log or save. The gradient norm is
-    # the same on every DDP rank (after the all-reduce), so every rank stops at the same step.
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    last_step = min(stop_at or cfg.max_steps, cfg.max_steps)  # stop_at pauses a run, schedule unchanged
-    for step in range(start_step, last_step):
-        lr = get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(step, order, cfg.batch_size, cfg.seed, rank, world)
-        with autocast:
-            loss, n_targets = batch_loss(model, idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        tokens_seen += n_targets
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
-        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
-        save_now = ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last_step)
-        log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
-        if (save_now or log_now) and int(first_bad) >= 0:
-            raise FloatingPointError(f"non-finite loss or gradient at step {int(first_bad)}; "
-                                     f"stopped, the last good checkpoint is kept")
-        if log_now:
-            loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
-            rate = (time.time() - t0) / (step + 1 - start_step)
-            if rank == 0:
-                log(f"step {step:5d}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
-                    f"gnorm {float(gnorm):.2f} | {tokens_seen / (time.time() - t0):,.0f} tok/s | "
-                    f"eta {format_eta(rate * (cfg.max_steps - step - 1))}")
-                if metrics_path:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr,
-                                            "grad_norm": float(gnorm)}) + "\n")
-        if save_now:
-            ckpt_fn(step + 1, optimizer)
-    return {"tokens": tokens_seen, "loss": loss_val}
-
 
 def new_model(cfg, tok, device):
     """A fresh GPT from the config, or the model of cfg.init (shape and vocabulary checked)."""

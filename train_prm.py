@@ -41,12 +41,14 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-import sft
-from rfprm import (PRM, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion,
-                   TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
-                   trajectory_reward, encode_for_prm, prm_loss, load_prm, generate_completions, split_completion,
-                   load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
-                   parse_config, print_config, read_jsonl, write_json_atomic, init_distributed, format_eta)
+import training
+from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion,
+                   split_completion)
+from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
+                      save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
+                      write_json_atomic, init_distributed, format_eta)
+from rfprm import (PRM, TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
+                   trajectory_reward, encode_for_prm, prm_loss, load_prm)
 
 
 @dataclass
@@ -337,7 +339,7 @@ def train_prm(cfg, records, tok, device, rank=0, world=1):
     ids, t_step, t_final, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size)
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    optimizer = sft.make_optimizer(prm, cfg, device)
+    optimizer = training.make_optimizer(prm, cfg, device)
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path, kind="prm", enc=tok.enc)
@@ -357,7 +359,7 @@ def train_prm(cfg, records, tok, device, rank=0, world=1):
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     if start == 0 and rank == 0 and os.path.exists(metrics):
         os.remove(metrics)
-    sft.train(model, prm_batch_loss(ids, t_step, t_final, lengths, cfg, device), lengths, cfg, device, rank, world,
+    training.train(model, prm_batch_loss(ids, t_step, t_final, lengths, cfg, device), lengths, cfg, device, rank, world,
               ckpt_fn=save, start_step=start, optimizer=optimizer, metrics_path=metrics)
     prm.tok, prm.alpha, prm.mode = tok, cfg.alpha, mode
     return prm.eval()

@@ -45,9 +45,10 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-from rfprm import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion,
-                   generate_completions, load_checkpoint, model_from_checkpoint, load_prm,
-                   pick_device, parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
+from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device,
+                      parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+from rfprm import load_prm
 
 
 @dataclass

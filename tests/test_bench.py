@@ -6,7 +6,8 @@ import math
 import pytest
 
 from conftest import run_script
-from rfprm import GPT, GPTConfig, PRM
+from model import GPT, GPTConfig
+from rfprm import PRM
 import bench
 
 REQUIRED = ["matmul_gflops", "train_tok_s", "train_mfu", "gen_tok_s_kv", "gen_tok_s_recompute",

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from conftest import run_script
-from rfprm import load_tokenizer, read_jsonl, Tok, encode_prompt, encode_completion
+from model import load_tokenizer, Tok, encode_prompt, encode_completion
+from training import read_jsonl
 
 
 def test_prepare_is_deterministic(tmp_path):

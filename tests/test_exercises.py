@@ -9,7 +9,7 @@ import json
 import os
 
 from conftest import run_script, ROOT
-from rfprm import parse_config
+from training import parse_config
 import grpo
 import select_data
 import sft

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from rfprm import GPT, GPTConfig, Tok, load_tokenizer, encode_completion, split_completion
+from model import GPT, GPTConfig, Tok, load_tokenizer, encode_completion, split_completion
 import grpo
-import sft
+import training
 
 
 def test_group_advantages_hand_computed():
@@ -104,10 +104,10 @@ def test_mu_1_ratio_is_one_and_gradient_is_the_policy_gradient():
     assert torch.allclose(grads["grpo"], grads["pg"], atol=1e-6)
     # optimise() with μ = 1 takes the same step: ratio 1, nothing clipped
     cfg = grpo.GRPOConfig(mu=1, lr=1e-3, temperature=0.7)
-    stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+    stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
     assert float(stats["ratio"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
     # μ = 3: later passes see ratio ≠ 1 (the policy moved since sampling)
-    stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv,
+    stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv,
                           grpo.GRPOConfig(mu=3, lr=1e-2, temperature=0.7))
     assert abs(float(stats["ratio"]) - 1.0) > 1e-4
 
@@ -128,7 +128,7 @@ def test_length_chunks_take_the_same_step_as_one_batch(agg, per_token):
         torch.manual_seed(1)
         model, ref = GPT(cfg0), GPT(cfg0)
         cfg = grpo.GRPOConfig(mu=2, lr=1e-2, temperature=0.8, loss_agg=agg, chunks=chunks)
-        stats = grpo.optimise(model, ref, sft.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+        stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), stats))
     assert [w for _, w in grpo.length_chunks(Y, 3)] == [10, 7, 4]   # longest first, each as wide as it needs
     (p1, s1), (p3, s3) = results
@@ -183,7 +183,7 @@ def test_grpo_improves_reward_on_a_toy_task():
     ref = GPT(model.config)
     ref.load_state_dict(model.state_dict())
     cfg = grpo.GRPOConfig(lr=2e-2, mu=2, kl_coef=0.01, temperature=1.0, group_size=G)
-    opt = sft.make_optimizer(model, cfg, "cpu")
+    opt = training.make_optimizer(model, cfg, "cpu")
     gen = torch.Generator().manual_seed(0)
     curve = []
     for step in range(40):

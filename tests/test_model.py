@@ -2,7 +2,7 @@
 
 import torch
 
-from rfprm import GPT, GPTConfig, left_pad, attention_mask
+from model import GPT, GPTConfig, left_pad, attention_mask
 
 
 def tiny_model(seed=0):
@@ -23,7 +23,7 @@ def test_kv_cache_logits_match_full_forward():
     seq = torch.randint(0, 60, (3, 20))
     full = model.lm_head(model.hidden(seq))
     # the same sequence fed through the cache: 12 tokens, then one at a time
-    from rfprm import KVCache
+    from model import KVCache
     caches = [KVCache(3, 2, 20, 16, "cpu", torch.float32) for _ in model.h]
     parts = [model.lm_head(model.hidden(seq[:, :12], caches, torch.arange(12)))]
     for t in range(12, 20):
@@ -76,7 +76,7 @@ def test_loss_reduction_none_gives_per_token_loss():
 
 
 def test_sample_follows_the_softmax_and_never_picks_a_masked_token():
-    from rfprm import sample
+    from model import sample
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.5]]).repeat(40000, 1)
     gen = torch.Generator().manual_seed(0)
     freq = torch.bincount(sample(logits, 1.0, generator=gen), minlength=5) / 40000

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, GPTConfig,
-                   prm_loss, load_prm, load_tokenizer, Tok, prm_tokens, score_batch_size)
+from model import GPTConfig, load_tokenizer, Tok
+from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, prm_loss, load_prm,
+                   prm_tokens, score_batch_size)
 import rfprm
 import train_prm
 

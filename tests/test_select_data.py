@@ -7,7 +7,8 @@ import random
 import pytest
 
 from conftest import run_script, data_args
-from rfprm import Tok, load_tokenizer, read_jsonl
+from model import Tok, load_tokenizer
+from training import read_jsonl
 import select_data
 
 

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from conftest import run_script, data_args, ROOT
-from rfprm import load_tokenizer, Tok, load_checkpoint
+from model import load_tokenizer, Tok
+from training import load_checkpoint
 import sft
+import training
 
 
 def test_completion_only_loss_mask(smoke_data):
     tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     prompt, completion = [1, 2, 3, 4], [5, 6, tok.eot]
-    X, Y = sft.pack([(prompt, completion), ([9, 9], [7, tok.eot])], 32, pad_id=tok.eot)
+    X, Y = training.pack([(prompt, completion), ([9, 9], [7, tok.eot])], 32, pad_id=tok.eot)
     # position i predicts token i+1: the last prompt position predicts the first completion token
     assert Y[0].tolist()[:6] == [-1, -1, -1, 5, 6, tok.eot]
     assert (Y[0, 6:] == -1).all(), "padding is not a target"
@@ -102,7 +104,7 @@ def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, t
 
 
 def test_checkpoint_with_another_shape_is_refused(smoke_base):
-    from rfprm import model_from_checkpoint
+    from training import model_from_checkpoint
     ckpt = load_checkpoint(str(smoke_base), kind="policy")
     ckpt["model_args"]["n_embd"] = 64
     with pytest.raises(ValueError, match="do not fit"):
@@ -124,7 +126,7 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     saved = {}
     ckpt_fn = lambda step, opt: saved.update(step=step, weight=model.weight.detach().clone())
     with pytest.raises(FloatingPointError, match="at step 7"):
-        sft.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
+        training.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
                   ckpt_fn=ckpt_fn)
     assert saved["step"] == 5 and torch.isfinite(saved["weight"]).all()  # step 10 was never saved
 

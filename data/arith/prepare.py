@@ -27,7 +27,8 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
-from rfprm import SPLIT_PATTERN, load_tokenizer, parse_config  # noqa: E402
+from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
+from training import parse_config  # noqa: E402
 
 
 @dataclass

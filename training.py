@@ -1,0 +1,348 @@
+"""
+training: what every script shares, in one place.
+
+* config: one dataclass per script, turned into --key=value options (`parse_config`);
+* files: JSONL records in, JSON results and checkpoints out, always written atomically;
+* devices and torch.distributed (DDP through torchrun: gloo on CPU, nccl on CUDA);
+* the training loop: cosine schedule, AdamW, gradient clipping, one log line per
+  `log_every` steps, checkpoints, batches of similar lengths drawn from (seed, step);
+* language-model batches (`pack`: prompt / completion -> X, Y with the loss on the completion).
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, fields
+
+import torch
+
+from model import GPT, GPTConfig, vocab_fingerprint, left_pad
+
+# ----------------------------------------------------------------------------
+# configuration: one dataclass per script, turned into --key=value options
+
+
+def str2bool(v):
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def parse_config(cls, argv=None, presets=None, doc=None):
+    """Build a `cls` dataclass from --key=value options.
+
+    Unknown keys and wrongly typed values stop with an error that names the key (argparse).
+    presets = {"smoke": {...}}: when the boolean field `smoke` is set (or the field `preset`
+    names it), its values replace the defaults; options given explicitly still win.
+    """
+    p = argparse.ArgumentParser(description=doc, argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(cls):
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, help=f"(default {f.default})")
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), help=f"(default {f.default!r})")
+    given = vars(p.parse_args(argv))
+    cfg = cls()
+    for name, values in (presets or {}).items():
+        if given.get(name) is True or given.get("preset") == name:
+            for k, v in values.items():
+                setattr(cfg, k, v)
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def print_config(cfg):
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+
+
+def write_json_atomic(path, obj):
+    """Write JSON next to the outputs atomically (temp file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path, required=("question", "answer")):
+    """Read a jsonl file; a malformed line stops with file:line and what was expected."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no file at {path}: run `python data/arith/prepare.py` first")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
+            missing = [k for k in required if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: expected a record with keys {list(required)}, "
+                                 f"missing {missing}")
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, ckpt):
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
+    """Read a checkpoint safely (weights_only=True) and check that it is what the caller expects.
+
+    kind: 'policy' or 'prm' (which script made it); enc: the tokenizer it must match.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise ValueError(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
+    if kind is not None and ckpt.get("kind") != kind:
+        raise ValueError(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
+    if enc is not None and ckpt.get("vocab") != vocab_fingerprint(enc):
+        raise ValueError(f"{path}: made with vocabulary {ckpt.get('vocab')}, but the tokenizer "
+                         f"loaded now is {vocab_fingerprint(enc)}; re-run the stage that made it")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild a GPT from a checkpoint dict; a state dict of another shape is refused clearly."""
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+    state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
+    return model.to(device)
+
+
+def make_checkpoint(kind, model, enc, config, **extra):
+    """The dict we save: {kind, model, model_args, vocab, config, ...} (nanoGPT's layout plus kind and vocab)."""
+    raw = getattr(model, "module", model)
+    raw = getattr(raw, "_orig_mod", raw)
+    gpt = raw if isinstance(raw, GPT) else raw.gpt
+    return {"kind": kind, "model": raw.state_dict(), "model_args": asdict(gpt.config),
+            "vocab": vocab_fingerprint(enc), "config": config, **extra}
+
+
+def pick_device(name=""):
+    if name:
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+# ----------------------------------------------------------------------------
+# torch.distributed: DDP through torchrun (gloo on CPU, nccl on CUDA)
+
+
+def init_distributed(device):
+    """Start the process group when launched by torchrun; return (rank, world_size, device)."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    import torch.distributed as dist
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device.startswith("cuda") and local_rank >= torch.cuda.device_count():
+        raise SystemExit(f"torchrun started more processes per node than there are GPUs "
+                         f"({torch.cuda.device_count()}): lower --nproc_per_node, or pass --device=cpu (gloo)")
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_sum(t):
+    """Sum a tensor over ranks (a no-op without a process group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def format_eta(seconds):
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------
+# the training loop
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at max_steps."""
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / cfg.warmup_steps
+    ratio = (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * min(1.0, ratio))) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model, cfg, device):
+    """AdamW; weight decay on matrices only (nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.startswith("cuda")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
+
+
+def target_lengths(Y):
+    """The length of each example: its last target position + 1."""
+    pos = torch.arange(Y.size(1)).expand_as(Y)
+    return torch.where(Y != -1, pos, -1).max(1).values + 1
+
+
+def batch_indices(step, order, batch_size, seed, rank=0, world=1):
+    """The global batch of step `step` (same on every rank and after a resume); this rank's share.
+
+    A batch is a random window of `order` (examples sorted by length), so its rows have
+    similar lengths and little padding: ~1.4x fewer tokens than random rows on the pool.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    start = torch.randint(len(order), (1,), generator=g)
+    idx = order[(start + torch.arange(batch_size)) % len(order)]
+    return idx[rank::world]
+
+
+def lm_batch_loss(X, Y, device, world=1):
+    """The SFT loss of a batch: cross-entropy on target tokens (Y != -1).
+
+    Summed over this rank's targets and divided by the *global* count (times the world
+    size): after DDP averages gradients, every run sees the same global-batch mean,
+    whatever the number of processes. Returns (loss, global target count).
+    """
+    def batch_loss(model, idx):
+        y = Y[idx]
+        L = int((y != -1).any(0).nonzero().max()) + 1  # trim the padded tail shared by the batch
+        x, y = X[idx, :L].to(device, non_blocking=True), y[:, :L].to(device, non_blocking=True)
+        n_global = all_reduce_sum((y != -1).sum().float())
+        _, loss_tok = model(x, y, loss_reduction="none")
+        return loss_tok.sum() / n_global * world, int(n_global)
+    return batch_loss
+
+
+def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, ckpt_fn=None,
+          start_step=0, optimizer=None, metrics_path=None, stop_at=0):
+    """The training loop: cosine LR, grad clip, one log line per `log_every` steps, checkpoints.
+
+    batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
+    lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
+    loss or gradient stops the run, naming the step, before anything else is logged or saved:
+    the last checkpoint on disk stays the last good one.
+    Returns {"tokens": targets seen, "loss": last logged loss}.
+    """
+    optimizer = optimizer or make_optimizer(model, cfg, device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
+    model.train()
+    order = torch.argsort(lengths, stable=True)
+    tokens_seen, t0, loss_val = 0, time.time(), float("nan")
+    # the first step with a non-finite loss or gradient, -1 if none: kept as a tensor so that
+    # checking it costs no sync per step; read only where we log or save. The gradient norm is
+    # the same on every DDP rank (after the all-reduce), so every rank stops at the same step.
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    last_step = min(stop_at or cfg.max_steps, cfg.max_steps)  # stop_at pauses a run, schedule unchanged
+    for step in range(start_step, last_step):
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, order, cfg.batch_size, cfg.seed, rank, world)
+        with autocast:
+            loss, n_targets = batch_loss(model, idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        tokens_seen += n_targets
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+        first_bad = torch.where((first_bad < 0) & ~finite, step, first_bad)
+        save_now = ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last_step)
+        log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
+        if (save_now or log_now) and int(first_bad) >= 0:
+            raise FloatingPointError(f"non-finite loss or gradient at step {int(first_bad)}; "
+                                     f"stopped, the last good checkpoint is kept")
+        if log_now:
+            loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
+            rate = (time.time() - t0) / (step + 1 - start_step)
+            if rank == 0:
+                log(f"step {step:5d}/{cfg.max_steps} | loss {loss_val:.4f} | lr {lr:.2e} | "
+                    f"gnorm {float(gnorm):.2f} | {tokens_seen / (time.time() - t0):,.0f} tok/s | "
+                    f"eta {format_eta(rate * (cfg.max_steps - step - 1))}")
+                if metrics_path:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr,
+                                            "grad_norm": float(gnorm)}) + "\n")
+        if save_now:
+            ckpt_fn(step + 1, optimizer)
+    return {"tokens": tokens_seen, "loss": loss_val}
+
+
+def pack(examples, block_size, pad_id):
+    """Right-pad examples into X, Y of shape (N, L): Y = next token, -1 on prompt and padding.
+
+    The loss mask is by position, not by token id: the completion's own <|endoftext|> is
+    a target (pad = eot would otherwise mask it and the model would never learn to stop).
+    """
+    L = min(block_size, max(len(p) + len(c) for p, c in examples))
+    X = torch.full((len(examples), L), pad_id, dtype=torch.long)
+    Y = torch.full((len(examples), L), -1, dtype=torch.long)
+    n_cut = 0
+    for i, (p, c) in enumerate(examples):  # once, before training
+        seq = (p + c)[:L + 1]
+        n_cut += len(p) + len(c) > L + 1
+        x, y = seq[:-1], seq[1:]
+        X[i, :len(x)] = torch.tensor(x)
+        Y[i, :len(y)] = torch.tensor(y)
+        Y[i, :max(0, len(p) - 1)] = -1  # no loss on predicting the prompt
+    if n_cut:
+        print(f"warning: {n_cut} of {len(examples)} examples truncated to block_size={block_size}")
+    return X, Y
+
+
+@torch.no_grad()
+def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=None,
+                         batch_size=256, generator=None, top_k=None, progress=""):
+    """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches.
+
+    progress: a label; when given, one line per batch with the count done and an ETA.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    outs, t0 = [], time.time()
+    for i in range(0, len(prompts), batch_size):
+        if progress and i:
+            print(f"{progress}: {i:,}/{len(prompts):,} completions | "
+                  f"eta {format_eta((time.time() - t0) / i * (len(prompts) - i))}", flush=True)
+        chunk = prompts[i:i + batch_size]
+        idx, mask = left_pad(chunk, tok.eot, device)
+        new = min(max_new_tokens or block, block - idx.size(1))
+        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
+                              prompt_mask=mask, generator=generator)
+        outs.extend(seqs[:, idx.size(1):].tolist())
+    return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
