@@ -384,13 +384,15 @@ def padded_vocab_size(enc):
 
 
 class Tok:
-    """The special token ids of an encoding, by role."""
+    """The special token ids of an encoding, by role, and the byte length of every ordinary token."""
 
     def __init__(self, enc):
         self.enc = enc
         self.eot = enc.encode_single_token("<|endoftext|>")
         self.think = enc.encode_single_token("<|think|>")
         self.end_think = enc.encode_single_token("<|/think|>")
+        # where each token of a line starts, in bytes: rfprm finds a step's result tokens with it
+        self.n_bytes = [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
 
 
 def encode_prompt(tok, question, plan=None):

@@ -9,13 +9,12 @@ stage() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; "$@" 2>
 rm -f out/logs/times.txt
 P=${PRESET:+--preset=$PRESET}   # PRESET=gpu bash run.sh: the larger run for one GPU (README, "Presets")
 
-stage prepare   python data/arith/prepare.py                                                    # 1. the distilled pool, questions, tokenizer
-stage base      python sft.py --pretrain --out_dir=out/base $P                                  # 2. base model: arithmetic facts
-stage sft_clean python sft.py --init=out/base/ckpt.pt --subset=clean --out_dir=out/sft_clean $P # 3a. SFT on the clean part (upper bound)
-stage policy    python sft.py --init=out/base/ckpt.pt --subset=all --out_dir=out/policy $P      # 3b. SFT on the whole mixed pool: the policy
-stage sft_table python sft.py --compare=out/sft_clean,out/policy                                # 3c. the accuracy table
-stage prm       python train_prm.py --eval $P                                                   # 4. reward design, PRMs, synthetic ProcessBench
-stage select    python select_data.py $P                                                        # 5. offline: data selection
-stage grpo      python grpo.py --variants=rule,mix --seeds=3 $P                                 # 6. online: GRPO, rule vs rule+PRM
-stage tts       python tts.py $P                                                                # 7. test time: Best-of-N
-python report.py                                                                                # out/results.md: every table, with times
+stage prepare python data/arith/prepare.py                                                   # 1. training records, selection pool, questions, tokenizer
+stage base    python sft.py --pretrain --out_dir=out/base $P                                 # 2. base model: arithmetic facts
+stage policy  python sft.py --init=out/base/ckpt.pt --out_dir=out/policy $P                  # 3. the policy: SFT on the training records
+stage start   python sft.py --init=out/base/ckpt.pt --max_steps=1000 --out_dir=out/start $P  # 4. where selection's students start
+stage prm     python train_prm.py --eval $P                                                  # 5. reward design, PRMs, synthetic ProcessBench
+stage select  python select_data.py $P                                                       # 6. offline: data selection from the pool
+stage grpo    python grpo.py --variants=rule,mix,mix@0.75 --seeds=3 $P                       # 7. online: GRPO, rule vs rule + PRM
+stage tts     python tts.py $P                                                               # 8. test time: Best-of-N
+python report.py                                                                             # out/results.md: every table, with times

@@ -15,7 +15,7 @@ student start from it, so distilled data teaches reasoning rather than arithmeti
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
 by number of operations. Other scripts call `train_policy(records, cfg)` to train a
-student under a fixed budget and `evaluate(...)` to score it.
+student under a fixed budget and `training.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
@@ -31,17 +31,17 @@ import torch
 
 import task
 from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
-                   encode_completion, split_completion)
-from training import (generate_completions, save_checkpoint, load_checkpoint, model_from_checkpoint,
+                   encode_completion)
+from training import (file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint,
                       make_checkpoint, pick_device, parse_config, print_config, read_jsonl,
                       write_json_atomic, init_distributed, make_optimizer, train, pack, lm_batch_loss,
-                      target_lengths)
+                      target_lengths, accuracy, format_accuracy)
 
 
 @dataclass
 class SFTConfig:
     out_dir: str = "out/policy"
-    data: str = "data/arith/pool.jsonl"
+    data: str = "data/arith/train.jsonl"
     subset: str = "all"            # all | clean (clean reads hidden meta: a demonstration only)
     pretrain: bool = False         # train the base model on `facts` instead of SFT on `data`
     facts: str = "data/arith/facts.txt"
@@ -55,7 +55,7 @@ class SFTConfig:
     block_size: int = 256
     dropout: float = 0.0
     # optimisation
-    max_steps: int = 4000          # ~4 minutes on a 2-core CPU
+    max_steps: int = 6000          # the policy learns the order of operations late: 4000 steps are too few
     batch_size: int = 8            # global batch, split over DDP ranks; small batches, many steps:
                                    # at equal tokens batch 8 reached 27% where batch 32 reached 15%
     lr: float = 2e-3
@@ -129,24 +129,6 @@ def select_subset(records, subset):
 # ----------------------------------------------------------------------------
 # evaluation
 
-def evaluate(model, tok, questions, temperature=0.0, generator=None):
-    """Accuracy of the policy on questions [{question, answer, n_ops}], overall and by n_ops."""
-    prompts = [encode_prompt(tok, q["question"]) for q in questions]
-    comps = generate_completions(model, tok, prompts, temperature=temperature, generator=generator)
-    correct = [task.verify(split_completion(tok, c)[1], q["answer"]) for c, q in zip(comps, questions)]
-    by_ops = {}
-    for q, ok in zip(questions, correct):
-        by_ops.setdefault(q["n_ops"], []).append(ok)
-    return {"acc": sum(correct) / max(1, len(correct)),
-            "by_ops": {k: sum(v) / len(v) for k, v in sorted(by_ops.items())},
-            "n": len(correct)}
-
-
-def format_accuracy(name, res):
-    ops = "  ".join(f"{k} ops {v:6.1%}" for k, v in res["by_ops"].items())
-    return f"{name:<22} {res['acc']:6.1%}   {ops}"
-
-
 # ----------------------------------------------------------------------------
 # training
 
@@ -200,6 +182,10 @@ def main(argv=None):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
     t0 = time.time()
+    data = cfg.facts if cfg.pretrain else cfg.data
+    # what this model was trained on, run after run: select_data.py refuses a student start trained on its pool
+    parent = load_checkpoint(cfg.init, kind="policy", enc=tok.enc) if cfg.init else {}
+    origin = parent.get("origin", []) + [{"data": data, "sha256": file_digest(data), "subset": cfg.subset}]
     if cfg.pretrain:
         examples = fact_examples(cfg.facts, tok, cfg.block_size)
     else:
@@ -229,7 +215,7 @@ def main(argv=None):
 
     def save(step, opt):
         if rank == 0:
-            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
+            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
                                                        optimizer=opt.state_dict(), step=step))
 
     info = train(train_model, lm_batch_loss(X, Y, device, world), target_lengths(Y), cfg, device, rank, world,
@@ -240,8 +226,8 @@ def main(argv=None):
         print(f"trained {min(cfg.stop_at or cfg.max_steps, cfg.max_steps) - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
     if rank == 0 and cfg.eval_questions and not cfg.pretrain:
         questions = read_jsonl(cfg.test)[:cfg.eval_questions]
-        greedy = evaluate(model, tok, questions)
-        sampled = evaluate(model, tok, questions, cfg.sample_temperature,
+        greedy = accuracy(model, tok, questions)
+        sampled = accuracy(model, tok, questions, cfg.sample_temperature,
                            torch.Generator(device=device).manual_seed(cfg.seed))
         print(format_accuracy("greedy", greedy))
         print(format_accuracy(f"sampled (T={cfg.sample_temperature})", sampled))

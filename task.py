@@ -336,15 +336,16 @@ def verify(text, answer):
 
 
 def judge(question, prior_steps, step, response=None):
-    """Expert role 1 (step judge, the paper's r_qual): how good is this thinking step, in [0, 1]?
+    """Expert role 1 (step judge, the paper's r_qual): how good is this step, in [0, 1]?
 
     The expert knows how to solve the question, so it checks a computation line both
     for its arithmetic and for whether it is a step of a correct solution (right
     operands in the right order). Scores: 1 a correct step, check or correction;
     0 wrong arithmetic, an operation the correct solution never makes (precedence
-    ignored, or built on a wrong value), or a wrong conclusion; 0.5 a harmless aside
-    or filler. `prior_steps` is unused by this expert because the solution's steps
-    are known exactly, and so is `response`; an LLM judge would read both. Never raises.
+    ignored, or built on a wrong value), or a wrong conclusion or final answer; 0.5 a
+    harmless aside or filler. It judges the steps of a final response the same way.
+    `prior_steps` is unused by this expert because the solution's steps are known exactly,
+    and so is `response`; an LLM judge would read both. Never raises.
     """
     try:
         tree = safe_parse(question)
@@ -364,7 +365,7 @@ def judge(question, prior_steps, step, response=None):
             if (a, op, b, c) in truth:
                 return 1.0
             return 0.5 if step.startswith("also") else 0.0
-        m = CONCLUDE_RE.search(step)
+        m = CONCLUDE_RE.search(step) or ANSWER_RE.search(step)   # "so the answer is N", "Answer: N"
         if m:
             return 1.0 if int(m[1]) == truth[-1][3] else 0.0
         return 0.5

@@ -10,15 +10,19 @@ training: what every script shares, in one place.
 """
 
 import argparse
+import concurrent.futures
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import time
 from dataclasses import asdict, fields
 
 import torch
 
-from model import GPT, GPTConfig, vocab_fingerprint, left_pad
+import task
+from model import GPT, GPTConfig, vocab_fingerprint, left_pad, encode_prompt
 
 # ----------------------------------------------------------------------------
 # configuration: one dataclass per script, turned into --key=value options
@@ -94,6 +98,15 @@ def read_jsonl(path, required=("question", "answer")):
 
 # ----------------------------------------------------------------------------
 # checkpoints
+
+
+def file_digest(path):
+    """The first 16 hex digits of a file's sha256: what checkpoints and caches record of their inputs."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def save_checkpoint(path, ckpt):
@@ -189,6 +202,23 @@ def all_reduce_sum(t):
 def format_eta(seconds):
     seconds = max(0, int(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def map_in_processes(fn, jobs, workers=1):
+    """[fn(*job) for job in jobs], run here (workers = 1) or in `workers` processes of one thread each.
+
+    The course's models are too small for their matmuls to keep two threads busy, so on a small
+    CPU two one-thread processes get more done than one two-thread process. The jobs must not
+    depend on each other; results come back in job order, and fn must be a module-level function.
+    A job's floating-point results depend on its thread count, so --workers=1 and --workers=2
+    differ in the last digits.
+    """
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    spawn = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads,
+                                                initargs=(1,)) as pool:
+        return list(pool.map(fn, *zip(*jobs)))
 
 
 # ----------------------------------------------------------------------------
@@ -346,3 +376,47 @@ def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=No
                               prompt_mask=mask, generator=generator)
         outs.extend(seqs[:, idx.size(1):].tolist())
     return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
+
+
+def response_text(tok, prompt, completion):
+    """The final response of prompt + completion: the text after its first <|/think|>.
+
+    One rule for every prompt: after a question the completion thinks, then answers; a template
+    prompt or a Monte-Carlo prefix has already closed the thinking. No <|/think|>: no response.
+    """
+    ids = [i for i in prompt + completion if i < tok.eot or i == tok.end_think]
+    if tok.end_think not in ids:
+        return ""
+    return tok.enc.decode([i for i in ids[ids.index(tok.end_think) + 1:] if i < tok.eot], errors="replace")
+
+
+def generate_and_verify(model, tok, prompts, answers, temperature=0.0, max_new_tokens=None, batch_size=256,
+                        generator=None, progress=""):
+    """Complete each prompt and check its response's `Answer: N` against the answer (task.verify).
+
+    The course's one generate-then-verify loop: policy accuracy, the template-guided and
+    Monte-Carlo rollouts of the reward design, GRPO's rule reward and Best-of-N use it.
+    Returns (completions, right) with right a list of bools.
+    """
+    comps = generate_completions(model, tok, prompts, temperature, max_new_tokens, batch_size, generator,
+                                 progress=progress)
+    right = [task.verify(response_text(tok, p, c), a) for p, c, a in zip(prompts, comps, answers)]
+    return comps, right
+
+
+def accuracy(model, tok, questions, temperature=0.0, generator=None):
+    """The policy's accuracy on questions [{question, answer, n_ops}], overall and by n_ops
+    (greedy at temperature 0). No questions: NaN."""
+    prompts = [encode_prompt(tok, q["question"]) for q in questions]
+    _, right = generate_and_verify(model, tok, prompts, [q["answer"] for q in questions], temperature,
+                                   generator=generator)
+    by_ops = {}
+    for q, ok in zip(questions, right):
+        by_ops.setdefault(q.get("n_ops", 0), []).append(ok)
+    return {"acc": sum(right) / len(right) if right else float("nan"),
+            "by_ops": {k: sum(v) / len(v) for k, v in sorted(by_ops.items())}, "n": len(right)}
+
+
+def format_accuracy(name, res):
+    ops = "  ".join(f"{k} ops {v:6.1%}" for k, v in res["by_ops"].items())
+    return f"{name:<22} {res['acc']:6.1%}   {ops}"

@@ -1,11 +1,13 @@
 """
 Write the synthetic data set and its tokenizer into data/arith/.
 
-    python data/arith/prepare.py            # 20,000-record pool, ~10 s
+    python data/arith/prepare.py            # 20,000 training records, a 10,000-record pool, ~15 s
     python data/arith/prepare.py --smoke    # a tiny set for tests
 
 Files (same seed, same bytes):
-    pool.jsonl          distilled trajectory-response records of mixed quality (DESIGN §3 schema)
+    train.jsonl         distilled trajectory-response records of mixed quality: the policy and the PRMs learn from them
+    pool.jsonl          more records from the same teacher: the pool data selection chooses from, which no model
+                        sees before selection (select_data.py)
     prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
     test.jsonl          held-out test questions, disjoint from everything above
@@ -35,7 +37,8 @@ from training import parse_config  # noqa: E402
 class PrepareConfig:
     out_dir: str = HERE
     seed: int = 1337
-    n_pool: int = 20000
+    n_train: int = 20000
+    n_pool: int = 10000
     n_prm_eval: int = 2000
     n_rl: int = 2000
     n_test: int = 1000
@@ -45,7 +48,7 @@ class PrepareConfig:
     smoke: bool = False
 
 
-SMOKE = dict(n_pool=300, n_prm_eval=100, n_rl=50, n_test=50, n_facts=2000)
+SMOKE = dict(n_train=300, n_pool=200, n_prm_eval=100, n_rl=50, n_test=50, n_facts=2000)
 
 
 # ----------------------------------------------------------------------------
@@ -126,38 +129,41 @@ def prepare(cfg, wcfg=None):
     test = make_questions(rng, wcfg, cfg.n_test, seen, 0)
     rl = make_questions(rng, wcfg, cfg.n_rl, seen, 0)
     records = []
-    while len(records) < cfg.n_pool + cfg.n_prm_eval:
+    while len(records) < cfg.n_train + cfg.n_pool + cfg.n_prm_eval:
         r = task.make_record(rng, wcfg, len(records))
         if r["question"] not in seen:
             records.append(r)
-    pool, prm_eval = records[:cfg.n_pool], records[cfg.n_pool:]
+    train, pool, prm_eval = (records[:cfg.n_train], records[cfg.n_train:cfg.n_train + cfg.n_pool],
+                             records[cfg.n_train + cfg.n_pool:])
     facts = task.fact_lines(rng, wcfg, cfg.n_facts)
 
     # the tokenizer is trained on everything the models will read
     corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
-                        for r in pool[:5000]] + facts[:5000])
+                        for r in train[:5000]] + facts[:5000])
     corpus += "\nPlan: 5 - 2 ; 4 * #1 ; 3 + #2\n"
     ranks = train_bpe(corpus, cfg.vocab_size)
     rank_file = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
     write_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
     write_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
+    write_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
     write_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
     write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
     write_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
-    return {"pool": pool, "test": test}
+    return {"train": train, "pool": pool, "test": test}
 
 
-def print_summary(pool, test, out_dir):
+def print_summary(train, test, out_dir):
+    """Flaw types and lengths of the training records, questions by size, the vocabulary."""
     enc = load_tokenizer(os.path.join(out_dir, "tokenizer.tiktoken"))
-    flaws = collections.Counter(r["meta"]["flaw"] for r in pool)
-    print(f"pool: {len(pool)} records")
+    flaws = collections.Counter(r["meta"]["flaw"] for r in train)
+    print(f"training records: {len(train)} (the selection pool is drawn the same way)")
     print(f"  {'flaw type':<16}{'count':>7}{'share':>8}")
     for f in task.FLAWS:
-        print(f"  {f:<16}{flaws[f]:>7}{flaws[f] / len(pool):>8.1%}")
+        print(f"  {f:<16}{flaws[f]:>7}{flaws[f] / len(train):>8.1%}")
     lens = [len(enc.encode_ordinary("Q: " + r["question"] + "\n" + "\n".join(r["thinking"] + r["response"])))
-            for r in pool]
+            for r in train]
     q = statistics.quantiles(lens, n=100)
     print(f"tokens per record: mean {statistics.mean(lens):.0f}, p50 {q[49]:.0f}, p99 {q[98]:.0f}, max {max(lens)}")
     ops = collections.Counter(r["n_ops"] for r in test)
@@ -170,7 +176,7 @@ def main(argv=None):
     base = task.WorldConfig()
     flawed = {f"p_{f}": getattr(base, f"p_{f}") * cfg.flaw_scale for f in task.FLAWS if f != "clean"}
     out = prepare(cfg, dataclasses.replace(base, **flawed))
-    print_summary(out["pool"], out["test"], cfg.out_dir)
+    print_summary(out["train"], out["test"], cfg.out_dir)
 
 
 if __name__ == "__main__":
