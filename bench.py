@@ -200,13 +200,18 @@ def gen_tok_s(model, cfg, device):
 
 
 def prm_tok_s(gcfg, cfg, device, rows):
-    """PRM scoring tokens/s: forward of rfprm.PRM on prm_batch rows of block_size token ids, no grad,
-    `rows` at a time."""
+    """PRM scoring tokens/s: forward of rfprm.PRM (the surprise readout) on prm_batch rows of
+    block_size token ids, no grad, `rows` at a time. As in the course's records, a step is about
+    8 tokens long and ends with a result: two tokens read by the surprise term."""
     prm = PRM(gcfg).to(device).eval()
     fwd = torch.compile(prm) if cfg.compile else prm
     x = torch.randint(gcfg.vocab_size, (cfg.prm_batch, gcfg.block_size),
                       generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    score_all = lambda: [fwd(x[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
+    pos = torch.arange(gcfg.block_size, device=device)
+    step_end = (pos // 8) * 8 + 7                                            # the last token of each 8
+    result_of = torch.where(pos % 8 >= 5, step_end, -1).clamp(max=gcfg.block_size - 1)
+    result_of = torch.where(pos % 8 == 7, -1, result_of).expand_as(x)       # tokens 5, 6 of each step
+    score_all = lambda: [fwd(x[i:i + rows], result_of[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
     with torch.no_grad(), autocast(device):
         for _ in range(cfg.warmup):
             score_all()

@@ -1,11 +1,40 @@
 """
-rfprm: the whole ReasonFlux-PRM — its step and trajectory rewards, the PRM and its loss.
+rfprm: the whole ReasonFlux-PRM (Zou et al., 2025, arXiv 2506.18896) in one file — its rewards,
+the reward design over records, the PRM with its readout and loss, and a command that shows
+what a trained PRM thinks of each step.
 
-Run `python rfprm.py score FILE.jsonl` to see a trained PRM's per-step scores.
+ReasonFlux-PRM scores every step of a reasoning model's thinking trajectory and the trajectory
+as a whole. It is trained on rewards designed from trajectory-response pairs (question x,
+thinking steps s_1..s_T, final response a_1..a_J):
+
+    r_align(t) = max_j cos(Φ(s_t), Φ(a_j))                                alignment_reward
+    r_qual(t)  = judge(x, s_<t, s_t, a)                                     task.judge (the expert)
+    r_coh(t)   = log softmax over {s_t} ∪ negatives of cos(Φ(s_{t-1}), Φ(·)) / τ   coherence_reward
+    r_step(t)  = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k             fuse_rewards
+    r_final    = (1/N) Σ_j verify(y_j),  y_j ~ π(· | x, template(s))       trajectory_reward
+    R_φ(t)     = σ(w·h_t + b), h_t the backbone's state where step t ends  PRM (readout="plain")
+    L          = λ_step mean_t (R_φ(t) − r_step(t))² + λ_final (R_φ(x, s, a) − r_final)²   prm_loss
+    total      = mean_t R_φ(t) + α · R_φ(x, s, a)                            prm_total
+
+Four defaults depart from the paper so that its idea works at this scale. Each is named in
+the docstring of the function that implements it; its paper form is one option of
+train_prm.py away and a row of its ProcessBench table:
+
+ 1. readout (PRM):     R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t how surprised the backbone's own
+                       language-model head is by the tokens of step t's result (step_surprise);
+ 2. fusion:            the expert's verdict decides the band, the paper's fusion ranks within
+                       it (gated_fusion), so a step judged wrong never outranks one judged right;
+ 3. trajectory reward: r_final relative to the policy's own success on the question (relative_final);
+ 4. response steps:    the PRM is also trained on the expert's judgement of each response step,
+                       and the total averages them with the thinking steps (prm_total).
+
+    python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """
 
 import argparse
+import re
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -13,10 +42,10 @@ import torch.nn.functional as F
 
 import task
 from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt
-from training import load_checkpoint, pick_device, read_jsonl, generate_completions
+from training import load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, generate_and_verify
 
 # ----------------------------------------------------------------------------
-# step-level rewards (DESIGN §5): alignment, quality, coherence, and their softmax fusion
+# Φ and the step-level rewards: alignment, quality (task.judge), coherence, fusion
 
 
 class TfidfEncoder:
@@ -87,7 +116,9 @@ def alignment_reward(step_vecs, resp_vecs, step_rec, resp_rec):
     """
     sims = step_vecs @ resp_vecs.T                                   # (S, R)
     same = step_rec[:, None] == resp_rec[None, :]                    # (S, R)
-    best = sims.masked_fill(~same, float("-inf")).max(1).values if len(resp_rec) else torch.full((len(step_rec),), float("-inf"))
+    if not len(resp_rec):
+        return torch.zeros(len(step_rec))
+    best = sims.masked_fill(~same, float("-inf")).max(1).values
     return torch.where(torch.isfinite(best), best, torch.zeros_like(best)).clamp(min=0)
 
 
@@ -118,128 +149,220 @@ def fuse_rewards(*rewards):
     return (w * R).sum(-1), w
 
 
-@torch.no_grad()
-def trajectory_reward(policy, tok, records, n_rollouts=4, temperature=1.0, generator=None, batch_size=512,
-                      progress=""):
-    """r_final = (1/N) Σ_j verify(y_j), y_j ~ π(· | x, template(s))  (template-guided reward).
+def gated_fusion(fused, quality, floor=0.75):
+    """r_step(t) = 1[r_qual(t) ≥ ½] · (1 + clamp(r_fused(t), 0, 1)) / 2   (ours; the default fusion).
 
-    The expert turns each thinking trajectory into a template (its strategy, operations
-    without results); the policy answers the question N times following that template, in
-    one batched KV-cache generation across all records; the reward is the fraction of
-    verified-correct answers. A trajectory with no readable strategy gets 0.
+    The paper's softmax fusion ranks a slipped step that the response repeats (high alignment)
+    above a correct filler line that it does not, so a PRM that learns it cannot find the first
+    error. Here the expert's verdict decides the band: a step it judges wrong (r_qual < ½) gets
+    0, a step it judges right or harmless gets a label in [½, 1], and within that band the
+    paper's fusion ranks it (a correct computation the response repeats above a filler). So no
+    step judged wrong ever ranks above a step judged right, whatever its alignment and coherence.
+    fused, quality (S,) -> (S,).
+
+    >>> gated_fusion(torch.tensor([0.9, 0.1, -0.3]), torch.tensor([0.0, 0.5, 1.0])).tolist()
+    [0.0, 0.550000011920929, 0.5]
     """
-    plans = [task.template(r["thinking"]) for r in records]
-    prompts = [encode_prompt(tok, r["question"], p) for r, p in zip(records, plans) for _ in range(n_rollouts)]
-    comps = generate_completions(policy, tok, prompts, temperature=temperature,
-                                 max_new_tokens=96, generator=generator, batch_size=batch_size, progress=progress)
-    right = torch.tensor([task.verify(tok.enc.decode([i for i in c if i < tok.eot]), records[k // n_rollouts]["answer"])
-                          for k, c in enumerate(comps)], dtype=torch.float).view(len(records), n_rollouts)
-    has_plan = torch.tensor([bool(p) for p in plans], dtype=torch.float)
-    return right.mean(1) * has_plan
+    return torch.where(quality >= 0.5, floor + (1 - floor) * fused.clamp(0, 1), torch.zeros_like(fused))
 
 
 # ----------------------------------------------------------------------------
-# the PRM: the GPT backbone plus a scalar head read at step ends
+# the reward design over records: what "previous step", "negatives" and "template" mean here
+
+
+def step_rewards(records, tok, encode, tau=0.1, n_negatives=8, judge_noise=0.0, seed=0):
+    """r_align, r_qual, r_coh (as written, ≤ 0) for every thinking step of every record, and the
+    record of each step: flat tensors (S,), in record order.
+
+    `encode` maps token-id lists to normalised vectors (Φ). A step's previous step is the line
+    before it; the first step's is the question. Its K coherence negatives are random steps of
+    *other* records. judge_noise > 0 makes a noisier expert: r_qual ← (1 − n)·judge + n·U(0, 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    think = [[tok.enc.encode_ordinary(str(l)) for l in r["thinking"]] for r in records]
+    resp = [[tok.enc.encode_ordinary(str(l)) for l in r["response"]] for r in records]
+    steps = torch.cat([encode(sum(think[i:i + 500], [])) for i in range(0, len(think), 500)])
+    step_rec = torch.tensor([k for k, t in enumerate(think) for _ in t], dtype=torch.long)
+    S = len(step_rec)
+
+    r_align = torch.zeros(S)
+    for lo in range(0, len(records), 500):  # chunks of records keep the (S, R) matrix small
+        hi = min(len(records), lo + 500)
+        sel = (step_rec >= lo) & (step_rec < hi)
+        rrec = torch.tensor([k for k in range(lo, hi) for _ in resp[k]], dtype=torch.long)
+        r_align[sel] = alignment_reward(steps[sel], encode(sum(resp[lo:hi], [])), step_rec[sel], rrec)
+
+    # quality: the expert judges each step (a Python call per step: it stands for an LLM call)
+    r_qual = torch.tensor([task.judge(r["question"], r["thinking"][:t], line, r["response"])
+                           for r in records for t, line in enumerate(r["thinking"])])
+    if judge_noise > 0:
+        r_qual = (1 - judge_noise) * r_qual + judge_noise * torch.rand(S, generator=g)
+
+    questions = encode([tok.enc.encode_ordinary(r["question"]) for r in records])
+    first = torch.ones(S, dtype=torch.bool)
+    first[1:] = step_rec[1:] != step_rec[:-1]
+    prev = torch.where(first[:, None], questions[step_rec], torch.roll(steps, 1, 0))
+    neg = torch.randint(S, (S, n_negatives), generator=g)
+    clash = step_rec[neg] == step_rec[:, None]
+    neg = torch.where(clash, (neg + S // 2) % S, neg)  # a negative must come from another record
+    r_coh = coherence_reward(prev, steps, steps[neg], tau)
+    return r_align, r_qual, r_coh, step_rec
+
+
+def response_quality(records):
+    """The expert's judgement of every step of every final response (ours: the paper trains
+    thinking steps only). A response that drifts from a right thinking shows only here."""
+    return [[task.judge(r["question"], r["thinking"], line, r["response"]) for line in r["response"]]
+            for r in records]
+
+
+@torch.no_grad()
+def trajectory_reward(policy, tok, records, n_rollouts=4, generator=None, progress=""):
+    """r_final = (1/N) Σ_j verify(y_j), y_j ~ π(· | x, template(s))  (the paper's template-guided reward).
+
+    The expert turns each thinking trajectory into a template (its strategy, operations
+    without results); the policy answers the question N times following that template, in
+    one batched KV-cache generation across all records (temperature 1); the reward is the
+    fraction of verified-correct answers. A trajectory with no readable strategy gets 0.
+    """
+    plans = [task.template(r["thinking"]) for r in records]
+    prompts = [encode_prompt(tok, r["question"], p) for r, p in zip(records, plans) for _ in range(n_rollouts)]
+    answers = [r["answer"] for r in records for _ in range(n_rollouts)]
+    _, right = generate_and_verify(policy, tok, prompts, answers, 1.0, 96, 512, generator, progress)
+    right = torch.tensor(right, dtype=torch.float).view(len(records), n_rollouts)
+    return right.mean(1) * torch.tensor([bool(p) for p in plans], dtype=torch.float)
+
+
+@torch.no_grad()
+def plain_success(policy, tok, records, n_rollouts=4, generator=None, progress=""):
+    """p_0 = (1/N) Σ_j verify(y_j), y_j ~ π(· | x): the policy's own success on the question, no template."""
+    prompts = [encode_prompt(tok, r["question"]) for r in records for _ in range(n_rollouts)]
+    answers = [r["answer"] for r in records for _ in range(n_rollouts)]
+    _, right = generate_and_verify(policy, tok, prompts, answers, 1.0, 160, 256, generator, progress)
+    return torch.tensor(right, dtype=torch.float).view(len(records), n_rollouts).mean(1)
+
+
+def relative_final(r_final, p0):
+    """(r_final − p_0 + 1) / 2: what the trajectory's template adds to the policy's own success
+    on the question (ours; the default trajectory reward).
+
+    The paper's r_final is high on questions the policy finds easy whatever the trajectory, so
+    a PRM that learns it pays for easy questions and small answers. Subtracting p_0
+    (plain_success) asks instead whether following this trajectory's plan helps on this
+    question. Mapped from [−1, 1] to [0, 1] for the sigmoid head.
+
+    >>> relative_final([1.0, 0.5, 0.0], [1.0, 0.25, 0.5])
+    [0.5, 0.625, 0.25]
+    """
+    return [(f - p + 1) / 2 for f, p in zip(r_final, p0)]
+
+
+def design_rewards(records, tok, policy, encoder="tfidf", tau=0.1, n_negatives=8, n_rollouts=4,
+                   judge_noise=0.0, seed=0):
+    """Every reward of the design, per record: the three step rewards (both coherence forms),
+    the expert's judgement of the response steps, r_final, p_0 and the outcome. The rows of
+    train_prm.py's table pick from it, so it is computed once (and cached there)."""
+    t0 = time.time()
+    if encoder == "tfidf":
+        lines = [tok.enc.encode_ordinary(str(l)) for r in records for l in r["thinking"] + r["response"]]
+        encode = TfidfEncoder().fit(lines).encode
+    else:
+        encode = policy_encoder(policy, tok)
+    r_align, r_qual, r_coh, step_rec = step_rewards(records, tok, encode, tau, n_negatives, judge_noise, seed)
+    _, w = fuse_rewards(r_align, r_qual, r_coh)
+    _, w_prob = fuse_rewards(r_align, r_qual, r_coh.exp())
+    t_step = time.time() - t0
+    print(f"reward design: step rewards for {len(step_rec):,} steps in {t_step:.1f}s; mean fusion weights "
+          f"(align, quality, coherence) = ({w[:, 0].mean():.2f}, {w[:, 1].mean():.2f}, {w[:, 2].mean():.2f}) "
+          f"as written, ({w_prob[:, 0].mean():.2f}, {w_prob[:, 1].mean():.2f}, {w_prob[:, 2].mean():.2f}) rescaled")
+    device = next(policy.parameters()).device
+    n = len(records)
+    print(f"reward design: template-guided rollouts, {n_rollouts} per trajectory, {n:,} trajectories ...")
+    g = torch.Generator(device=device).manual_seed(seed)  # where sampling runs
+    r_final = trajectory_reward(policy, tok, records, n_rollouts, g, progress="template-guided rollouts")
+    print(f"reward design: rollouts without a template, {n_rollouts} per question, {n:,} questions ...")
+    p0 = plain_success(policy, tok, records, n_rollouts, g, progress="rollouts without a template")
+    t_traj = time.time() - t0 - t_step
+    print(f"reward design: trajectory rewards in {t_traj:.1f}s, mean r_final {r_final.mean():.2f}, "
+          f"mean p_0 {p0.mean():.2f}")
+    counts = torch.bincount(step_rec, minlength=n).tolist()
+    per_record = lambda x: [c.tolist() for c in torch.split(x, counts)]
+    return {"align": per_record(r_align), "quality": per_record(r_qual),
+            "coherence_logprob": per_record(r_coh), "coherence_prob": per_record(r_coh.exp()),
+            "response_quality": response_quality(records),
+            "final": r_final.tolist(), "p0": p0.tolist(),
+            "outcome": [float(task.verify("\n".join(r["response"]), r["answer"])) for r in records],
+            "seconds": {"step": t_step, "trajectory": t_traj},
+            "fusion_weights": {"logprob": w.mean(0).tolist(), "prob": w_prob.mean(0).tolist()}}
+
+
+# ----------------------------------------------------------------------------
+# the PRM: the GPT backbone, a scalar head read where each step ends, and the surprise term
+
+# a step's result: the last number written after '=', 'is' or 'Answer:'
+RESULT_RE = re.compile(r"(?:=|\bis|Answer:) ?(-?\d{1,12})")
+
+
+def step_result_tokens(tok, line):
+    """A step's token ids, and the indices of those that state its result.
+
+    The result is the last number after '=', 'is' or 'Answer:' ('then 4 * 3 = 12',
+    'wait, 4 * 3 is 12, not 13', 'so the answer is 15', 'Answer: 15'); a filler has none.
+    Digits are one token each, so a result is one to three tokens.
+    """
+    ids = tok.enc.encode_ordinary(line)
+    found = None
+    for found in RESULT_RE.finditer(line):
+        pass
+    if found is None:
+        return ids, []
+    lo, hi = len(line[:found.start(1)].encode()), len(line[:found.end(1)].encode())   # in bytes
+    out, pos = [], 0
+    for k, t in enumerate(ids):
+        if pos < hi and pos + tok.n_bytes[t] > lo:
+            out.append(k)
+        pos += tok.n_bytes[t]
+    return ids, out
 
 
 def prm_tokens(tok, question, thinking, response, block_size=None):
-    """Token ids of a record and its read positions.
+    """Token ids of a record, where each of its steps ends, and which tokens state each step's result.
 
-    Layout as the policy reads it (prompt, thinking, <|/think|>, response, <|endoftext|>).
-    A step's score is read at the token that ends it: the newline after a thinking line (or
-    <|/think|> after the last), the newline after a response line, and the final eot for
-    the trajectory. Past block_size the ids are cut and positions clamped to the last token.
-    Returns (ids, thinking positions, response positions, end position, truncated?).
+    Layout as the policy reads it (prompt, thinking, <|/think|>, response, <|endoftext|>). A
+    step's score is read at the token that ends it: the newline after a line (or <|/think|>
+    after the last thinking line, <|endoftext|> after the last response line); the
+    trajectory's at the final <|endoftext|>. step_of[p] is the end position of the step that
+    token p belongs to, result_of[p] the same for the tokens of the step's result only; -1
+    elsewhere. Past block_size the ids are cut and positions clamped.
+    Returns {"ids", "think", "response", "end", "step_of", "result_of", "truncated"}.
     """
     nl = tok.enc.encode_ordinary("\n")
     ids = encode_prompt(tok, question)
-    think_pos, resp_pos = [], []
-    for i, line in enumerate(thinking):
-        ids += tok.enc.encode_ordinary(str(line))
-        think_pos.append(len(ids))
-        ids += nl if i < len(thinking) - 1 else [tok.end_think]
-    if not thinking:
-        ids.append(tok.end_think)
-    for i, line in enumerate(response):
-        ids += tok.enc.encode_ordinary(str(line))
-        resp_pos.append(len(ids))
-        ids += nl if i < len(response) - 1 else [tok.eot]
-    if not response:
-        ids.append(tok.eot)
-    end_pos = len(ids) - 1
+    step_of, result_of = [-1] * len(ids), [-1] * len(ids)
+    ends = {"think": [], "response": []}
+    for part, lines, closer in (("think", thinking, tok.end_think), ("response", response, tok.eot)):
+        for i, line in enumerate(lines):
+            line_ids, result = step_result_tokens(tok, str(line))
+            end = len(ids) + len(line_ids)
+            ids += line_ids
+            step_of += [end] * len(line_ids)
+            result_of += [end if k in result else -1 for k in range(len(line_ids))]
+            ends[part].append(end)
+            sep = nl if i < len(lines) - 1 else [closer]
+            ids += sep
+            step_of += [-1] * len(sep)
+            result_of += [-1] * len(sep)
+        if not lines:
+            ids.append(closer)
+            step_of.append(-1)
+            result_of.append(-1)
     truncated = block_size is not None and len(ids) > block_size
     if truncated:
-        ids = ids[:block_size]
         clamp = lambda ps: [min(p, block_size - 1) for p in ps]
-        think_pos, resp_pos, end_pos = clamp(think_pos), clamp(resp_pos), block_size - 1
-    return ids, think_pos, resp_pos, end_pos, truncated
-
-
-def score_batch_size(device):
-    """Rows per PRM forward when scoring. On a CPU, 16 rows of <= 256 tokens keep a layer's
-    activations in cache; 64 or 256 rows stream them through memory and score 1.2-1.5x fewer
-    tokens/s (README, Performance). On a GPU, large batches: fewer kernel launches."""
-    return 16 if torch.device(device).type == "cpu" else 256
-
-
-class PRM(nn.Module):
-    """R_φ: the GPT backbone (normally initialised from the policy) and a scalar reward head.
-
-    forward(idx) -> (B, T) scores in (0, 1), one per position; callers read step ends.
-    """
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.gpt = GPT(cfg)
-        self.head = nn.Linear(cfg.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        self.config = cfg
-        self.tok = None      # set by load_prm, for score()
-        self.alpha = 1.0     # total = mean(step) + alpha * trajectory (the paper's headline α)
-        self.mode = "full"   # "response_only": the baseline reads thinking steps as response steps
-
-    def forward(self, idx):
-        return torch.sigmoid(self.head(self.gpt.hidden(idx)).squeeze(-1).float())
-
-    @torch.no_grad()
-    def score(self, records, batch_size=None):
-        """Score pool-format records: per thinking step, per response step, the trajectory, the total.
-
-        Returns [{"step": [...], "response": [...], "trajectory": t, "total": mean(step) + α·t}].
-        Any number of records, batched, no grad; inputs longer than the context are truncated
-        (counted in `self.truncated`), so scores are always finite.
-        """
-        self.eval()
-        device = next(self.parameters()).device
-        batch_size = batch_size or score_batch_size(device)
-        encoded = [encode_for_prm(self.tok, r, self.mode, self.config.block_size) for r in records]
-        self.truncated = sum(e[4] for e in encoded)
-        if self.truncated:
-            print(f"warning: {self.truncated} of {len(records)} records longer than "
-                  f"block_size={self.config.block_size}, truncated")
-        order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))  # similar lengths, less padding
-        out = [None] * len(encoded)
-        for i in range(0, len(order), batch_size):
-            chunk = [encoded[k] for k in order[i:i + batch_size]]
-            T = max(len(e[0]) for e in chunk)
-            idx = torch.full((len(chunk), T), self.tok.eot, dtype=torch.long)
-            for j, e in enumerate(chunk):  # right padding: causal attention never looks at it
-                idx[j, :len(e[0])] = torch.tensor(e[0])
-            s = self(idx.to(device)).cpu().tolist()
-            for j, (ids, tp, rp, end, _) in enumerate(chunk):
-                step = [s[j][p] for p in tp]
-                traj = s[j][end]
-                rec = {"step": step, "response": [s[j][p] for p in rp], "trajectory": traj}
-                out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha)}
-        return out
-
-
-def prm_total(score, alpha):
-    """The paper's record score: mean_t R(step t) + α · R(trajectory); a record without thinking
-    steps has mean step score 0. α = 0 gives the step score alone (the paper's α ablation)."""
-    step = score["step"]
-    return (sum(step) / len(step) if step else 0.0) + alpha * score["trajectory"]
+        ids, step_of, result_of = ids[:block_size], clamp(step_of[:block_size]), clamp(result_of[:block_size])
+        ends = {k: clamp(v) for k, v in ends.items()}
+    return {"ids": ids, "think": ends["think"], "response": ends["response"], "end": len(ids) - 1,
+            "step_of": step_of, "result_of": result_of, "truncated": truncated}
 
 
 def encode_for_prm(tok, record, mode="full", block_size=None):
@@ -254,9 +377,159 @@ def encode_for_prm(tok, record, mode="full", block_size=None):
     if mode == "full":
         return prm_tokens(tok, record["question"], thinking, response, block_size)
     if mode == "response_only":
-        ids, _, rp, end, cut = prm_tokens(tok, record["question"], [], thinking + response, block_size)
-        return ids, rp[:len(thinking)], rp[len(thinking):], end, cut
+        e = prm_tokens(tok, record["question"], [], thinking + response, block_size)
+        return {**e, "think": e["response"][:len(thinking)], "response": e["response"][len(thinking):]}
     raise ValueError(f"unknown PRM mode {mode!r}")
+
+
+def batch_of(encoded, pad_id, key="result_of"):
+    """Right-padded ids and encoded[key] (B, T) of prm_tokens outputs: the tokens the PRM's
+    surprise term reads (result_of, or step_of for the confidence baseline). Causal attention
+    never reads the padding."""
+    T = max(len(e["ids"]) for e in encoded)
+    idx = torch.full((len(encoded), T), pad_id, dtype=torch.long)
+    token_of = torch.full((len(encoded), T), -1, dtype=torch.long)
+    for j, e in enumerate(encoded):  # building a batch once, not a hot loop
+        idx[j, :len(e["ids"])] = torch.tensor(e["ids"])
+        token_of[j, :len(e["ids"])] = torch.tensor(e[key])
+    return idx, token_of
+
+
+def step_surprise(gpt, h, idx, token_of):
+    """ℓ (B, T): at each step's end, the lowest log-probability the language-model head gave to
+    one of the step's tokens, log p(token_p | tokens < p); 0 elsewhere and for a step without one.
+
+    h (B, T, C) the backbone's hidden states of idx (B, T); token_of (B, T) from prm_tokens:
+    result_of (the PRM's ℓ_t: the tokens of the step's result) or step_of (every token of the
+    step: the confidence baseline). Token p is predicted at position p − 1, so only those
+    positions go through the LM head.
+    """
+    B, T = idx.shape
+    ell = torch.zeros(B * T, device=idx.device)
+    is_read = token_of[:, 1:] >= 0                                            # (B, T-1): tokens 1..T-1
+    if not is_read.any():
+        return ell.view(B, T)
+    logits = gpt.lm_head(h[:, :-1][is_read]).float()                          # (n, V)
+    logp = F.log_softmax(logits, -1).gather(1, idx[:, 1:][is_read][:, None]).squeeze(1)  # (n,)
+    rows = torch.arange(B, device=idx.device)[:, None].expand(B, T - 1)[is_read]
+    ends = token_of[:, 1:][is_read]                                           # (n,) the end of each one's step
+    return ell.scatter_reduce(0, rows * T + ends, logp, "amin").view(B, T)    # min with 0: log-probs are ≤ 0
+
+
+def score_batch_size(device):
+    """Rows per PRM forward when scoring. On a CPU, 16 rows of <= 256 tokens keep a layer's
+    activations in cache (64 or 256 rows stream them through memory); on a GPU, large batches
+    mean fewer kernel launches."""
+    return 16 if torch.device(device).type == "cpu" else 256
+
+
+class PRM(nn.Module):
+    """R_φ: the GPT backbone (initialised from the policy), a scalar reward head, and its readout.
+
+    forward(idx, token_of, lm_targets=None) -> ((B, T) scores in (0, 1), one per position, the
+    callers read step ends; the language-model loss on lm_targets (B, T), -1 = none, or None).
+    token_of: prm_tokens' result_of (step_of for the confidence readout), batched by batch_of.
+
+    readout="surprise" (ours, the default):   R_φ(t) = σ(w·h_t + a·ℓ_t + b)
+        ℓ_t (step_surprise) is how surprised the backbone's own language-model head is by the
+        tokens of step t's result. Why: the head reads h_t at the step's last token, where a
+        4-layer backbone would have to recompute the arithmetic; its next-token prediction
+        already did, at the ` =`. The LM head is trained end to end with the reward head (the
+        loss reaches the backbone through ℓ), and train_prm.py adds a language-model loss on
+        the results of the steps the expert approved: without it the head loses some of the
+        policy's arithmetic as the PRM trains, with it the head gets sharper than the policy
+        was, and a frozen copy of the policy (the other way to keep ℓ sharp) did no better
+        and costs a second model. a starts at 1 (one unit of logit per nat of surprise): a lone
+        scalar moves by only about the learning rate per step.
+    readout="plain" (the paper):   R_φ(t) = σ(w·h_t + b)
+    readout="confidence" (a baseline, untrained): R(t) = exp(min over all the step's tokens of
+        their log-probability), under the policy itself, with no head.
+    """
+
+    def __init__(self, cfg, readout="surprise"):
+        super().__init__()
+        if readout not in ("surprise", "plain", "confidence"):
+            raise ValueError(f"readout must be surprise, plain or confidence; got {readout!r}")
+        self.gpt = GPT(cfg)
+        self.head = nn.Linear(cfg.n_embd, 1)                   # w, b
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.surprise_weight = nn.Parameter(torch.ones(()))    # a
+        self.config, self.readout = cfg, readout
+        self.tok = None              # set by load_prm, for score()
+        self.alpha = 1.0             # total = mean(step) + α · trajectory (the paper's headline α)
+        self.mode = "full"           # "response_only": the baseline reads thinking steps as response steps
+        self.with_response = True    # the total averages response steps too (prm_total)
+
+    def forward(self, idx, token_of=None, lm_targets=None):
+        h = self.gpt.hidden(idx)                                               # (B, T, C)
+        lm_loss = None
+        if lm_targets is not None and (lm_targets >= 0).any():  # only the positions that have a target
+            at = lm_targets >= 0
+            lm_loss = F.cross_entropy(self.gpt.lm_head(h[at]).float(), lm_targets[at])
+        if self.readout == "confidence":
+            return step_surprise(self.gpt, h, idx, token_of).exp(), lm_loss
+        logit = self.head(h).squeeze(-1).float()                               # (B, T): w·h_t + b
+        if self.readout == "surprise" and token_of is not None:
+            logit = logit + self.surprise_weight * step_surprise(self.gpt, h, idx, token_of)
+        return torch.sigmoid(logit), lm_loss
+
+    @torch.no_grad()
+    def score(self, records, batch_size=None):
+        """Score pool-format records: each thinking step, each response step, the trajectory, the total.
+
+        Returns [{"step": [...], "response": [...], "trajectory": t, "total": prm_total}], in the
+        order given. Batched by length, no grad; inputs longer than the context are truncated
+        (counted in `self.truncated`), so scores are always finite.
+        """
+        self.eval()
+        device = next(self.parameters()).device
+        batch_size = batch_size or score_batch_size(device)
+        encoded = [encode_for_prm(self.tok, r, self.mode, self.config.block_size) for r in records]
+        self.truncated = sum(e["truncated"] for e in encoded)
+        if self.truncated:
+            print(f"warning: {self.truncated} of {len(records)} records longer than "
+                  f"block_size={self.config.block_size}, truncated")
+        order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]["ids"]))  # similar lengths, less padding
+        out = [None] * len(encoded)
+        for i in range(0, len(order), batch_size):
+            chunk = [encoded[k] for k in order[i:i + batch_size]]
+            idx, token_of = batch_of(chunk, self.tok.eot, "step_of" if self.readout == "confidence" else "result_of")
+            s = self(idx.to(device), token_of.to(device))[0].cpu().tolist()
+            for j, e in enumerate(chunk):
+                rec = {"step": [s[j][p] for p in e["think"]], "response": [s[j][p] for p in e["response"]],
+                       "trajectory": s[j][e["end"]]}
+                out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha, self.with_response)}
+        return out
+
+
+def prm_total(score, alpha, with_response=True):
+    """The record's score.
+
+    with_response=True (ours, the default):  mean_t R_φ(s_t) + min_j R_φ(a_j) + α · R_φ(traj)
+        The thinking steps are averaged, as in the paper: a trajectory that slips and corrects
+        itself is a good one, so one low step must not sink it. The response is a chain that
+        ends in the answer, so it is as good as its worst step (the usual way a PRM scores a
+        final solution). A response that drifts from a right thinking (a misaligned record)
+        shows only there: its thinking steps and its template-guided r_final are those of a
+        good trajectory. The total lies in [0, 2 + α].
+    with_response=False (the paper):  mean_t R_φ(s_t) + α · R_φ(traj), in [0, 1 + α].
+    A record without thinking (or response) steps counts 0 for their term; α = 0 gives the
+    step score alone (the paper's α ablation).
+
+    >>> prm_total({"step": [0.2, 0.6], "response": [1.0, 0.25], "trajectory": 0.5}, 1.0, with_response=False)
+    0.9
+    >>> prm_total({"step": [0.2, 0.6], "response": [1.0, 0.25], "trajectory": 0.5}, 1.0)
+    1.15
+    """
+    steps, response = score["step"], score["response"]
+    total = (sum(steps) / len(steps) if steps else 0.0) + alpha * score["trajectory"]
+    return total + (min(response) if with_response and response else 0.0)
+
+
+def total_range(alpha, with_response):
+    """The largest value prm_total can take: 1 + α, and 1 more with the response's term."""
+    return 1 + alpha + (1 if with_response else 0)
 
 
 def prm_loss(scores, step_targets, final_targets, lam_step=1.0, lam_final=1.0):
@@ -264,7 +537,7 @@ def prm_loss(scores, step_targets, final_targets, lam_step=1.0, lam_final=1.0):
 
     scores (B, T) from PRM.forward; step_targets, final_targets (B, T) hold the target at
     read positions and NaN elsewhere, so only read positions receive a gradient. The step
-    mean is over all step positions of the batch.
+    mean is over all step positions of the batch (thinking and, when trained, response steps).
     """
     def masked_mse(t):
         m = ~torch.isnan(t)
@@ -283,10 +556,53 @@ def load_prm(path, device=None):
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
         raise ValueError(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
                          f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
-    prm = PRM(GPTConfig(**ckpt["model_args"]))
+    prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"))
     prm.load_state_dict(ckpt["model"])
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
+    prm.with_response = cfg.get("response", False)
     return prm.to(device).eval()
+
+
+def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu"):
+    """A scorer with PRM.score made from the policy itself, with no training: what the backbone
+    knows before any reward design. readout="confidence" (the confidence baseline): a step scores
+    exp(lowest log-probability among its tokens); readout="surprise": σ(ℓ_t), the PRM's surprise
+    term alone (its head at zero). The total is prm_total's: the mean over the thinking steps plus
+    the worst response step; there is no trajectory score (α = 0)."""
+    tok = Tok(load_tokenizer(tokenizer))
+    ckpt = load_checkpoint(policy_path, kind="policy", enc=tok.enc)
+    scorer = PRM(GPTConfig(**ckpt["model_args"]), readout=readout)
+    scorer.gpt.load_state_dict(model_from_checkpoint(ckpt).state_dict())
+    scorer.tok, scorer.alpha = tok, 0.0
+    return scorer.to(device).eval()
+
+
+@torch.no_grad()
+def arithmetic_accuracy(gpt, tok, records, batch_size=64):
+    """The backbone's single-step arithmetic: over the computation lines ('a op b = c') of the
+    thinking that the expert judges right, the share whose result its language-model head
+    predicts exactly (greedy, each result token given the record up to it)."""
+    device = next(gpt.parameters()).device
+    hits = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        encoded = [prm_tokens(tok, r["question"], r["thinking"], r["response"], gpt.config.block_size)
+                   for r in chunk]
+        checked = []   # (row, end position) of the lines the expert judges right
+        for j, (r, e) in enumerate(zip(chunk, encoded)):
+            for t, (line, end) in enumerate(zip(r["thinking"], e["think"])):
+                if task.STEP_RE.search(str(line)) and task.judge(r["question"], r["thinking"][:t], line) == 1.0:
+                    checked.append((j, end))
+        idx, result_of = batch_of(encoded, tok.eot)
+        idx, result_of = idx.to(device), result_of.to(device)
+        B, T = idx.shape
+        is_result = result_of[:, 1:] >= 0
+        pred = gpt.lm_head(gpt.hidden(idx)[:, :-1][is_result]).argmax(-1) == idx[:, 1:][is_result]
+        rows = torch.arange(B, device=device)[:, None].expand(B, T - 1)[is_result]
+        exact = torch.ones(B * T, device=device).scatter_reduce(0, rows * T + result_of[:, 1:][is_result],
+                                                               pred.float(), "amin")   # every result token right
+        hits += [bool(exact[j * T + end]) for j, end in checked]
+    return sum(hits) / max(1, len(hits))
 
 
 # ----------------------------------------------------------------------------
@@ -301,21 +617,23 @@ def colour(text, score, tty):
     return f"\033[{code}m{text}\033[0m"
 
 
-def show_scores(record, s, tty):
-    """One record with its scores, one line per step; `meta` (hidden truth) is shown, never used."""
+def show_scores(record, s, tty, with_response=True):
+    """One record with its scores, one line per step; `meta` (hidden truth) is shown, never used.
+    Response steps are shown with scores only when the PRM was trained on them."""
     truth = (record.get("meta") or {}).get("step_ok")
     print(f"Q: {record['question']}" + (f"   (answer {record['answer']})" if "answer" in record else ""))
     for t, (line, x) in enumerate(zip(record.get("thinking") or [], s["step"])):
         mark = "" if truth is None or t >= len(truth) else ("" if truth[t] else "   <- wrong (hidden truth)")
         print(f"  think {colour(f'{x:.2f}', x, tty)}  {line}{mark}")
     for line, x in zip(record.get("response") or [], s["response"]):
-        print(f"  resp  {colour(f'{x:.2f}', x, tty)}  {line}")
+        print(f"  resp  {colour(f'{x:.2f}', x, tty) if with_response else '    '}  {line}")
     flaw = (record.get("meta") or {}).get("flaw")
     print(f"  trajectory {s['trajectory']:.2f}, total {s['total']:.2f}" + (f"   (flaw: {flaw})" if flaw else "") + "\n")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print each record of a jsonl file with a PRM's per-step scores.")
+    parser = argparse.ArgumentParser(description="Print each record of a jsonl file with a PRM's per-step scores.",
+                                     allow_abbrev=False)
     parser.add_argument("command", choices=["score"])
     parser.add_argument("file", help="pool-format jsonl: question, thinking, response per line")
     parser.add_argument("--prm", default="out/prm/ckpt.pt", help="a checkpoint from train_prm.py")
@@ -327,7 +645,7 @@ def main(argv=None):
     prm = load_prm(args.prm, pick_device(args.device))
     tty = sys.stdout.isatty()
     for record, s in zip(records, prm.score(records)):
-        show_scores(record, s, tty)
+        show_scores(record, s, tty, prm.with_response or prm.mode == "response_only")
 
 
 if __name__ == "__main__":
