@@ -11,7 +11,7 @@ One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
   2. reward every completion o_i:
        rule   r_i = verify(answer) ∈ {0, 1}
-       prm    r_i = total_i / (1 + α), total = mean_t R_φ(step t) + α·R_φ(trajectory), α = 1 (--alpha; 0: steps only)
+       prm    r_i = total_i / its largest value (rfprm.prm_total, rfprm.total_range), α = 1 (--alpha; 0: steps only)
        mix    r_i = (1 − β)·rule_i + β·prm_i   (the paper's mix; β is not stated, its RL code puts 0.75)
   3. group-normalised advantage Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), the same for all tokens;
   4. μ optimisation passes, each one AdamW step, on
@@ -35,7 +35,7 @@ Where this departs from, or simplifies, GRPO and the paper:
   * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
   * π_ref is the starting policy and never updated; the PRM is frozen (no iterative RL);
   * log-probs at the sampling temperature τ (as sampled), no top-k, dropout off throughout;
-  * the PRM term is total / (1 + α), so that it lies in [0, 1] like the rule reward (our choice);
+  * the PRM term is the total over its largest value, so that it lies in [0, 1] like the rule reward (ours);
   * the PRM reads the completion decoded and split into lines (split_completion), as at test time;
   * process supervision (ours, after DeepSeekMath): one reward per thinking line, read at the token
     that ends it, plus α·R_φ(trajectory) at the last token; normalised over all steps of the group;
@@ -53,14 +53,12 @@ from dataclasses import dataclass, asdict, replace
 import torch
 import torch.nn.functional as F
 
-import task
-import sft
 import training
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
-from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
+from training import (generate_and_verify, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
                       write_json_atomic, format_eta)
-from rfprm import load_prm, prm_total
+from rfprm import load_prm, prm_total, total_range
 
 
 @dataclass
@@ -332,20 +330,20 @@ def process_inputs(Y, scores, alpha, tok, tables):
             torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
 
 
-def reward_batch(tok, comps, qs, prm, cfg):
-    """Rewards of completions of questions qs: {"rule" (B,), "prm" (B,) or None, "reward" (B,), "scores"}."""
-    records, rule = [], []
-    for c, q in zip(comps, qs):  # the verifier is a Python function per completion (an expert call)
-        thinking, response = split_completion(tok, c)
-        records.append({"question": q["question"], "thinking": thinking,
-                        "response": [l for l in response.split("\n") if l.strip()]})
-        rule.append(float(task.verify(response, q["answer"])))
-    rule = torch.tensor(rule)
+def reward_batch(tok, comps, qs, right, prm, cfg):
+    """Rewards of completions of questions qs, verified right or not (the rule reward):
+    {"rule" (B,), "prm" (B,) or None, "reward" (B,), "scores"}."""
+    rule = torch.tensor(right, dtype=torch.float)
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
+        records = []
+        for c, q in zip(comps, qs):
+            thinking, response = split_completion(tok, c)
+            records.append({"question": q["question"], "thinking": thinking,
+                            "response": [l for l in response.split("\n") if l.strip()]})
         scores = prm.score(records)   # sorted by length inside: small batches pad little
-        total = [prm_total(s, cfg.alpha) for s in scores]   # this run's α, not the checkpoint's
-        prm_r = torch.tensor(total) / (1 + cfg.alpha)      # in [0, 1] like the rule reward
+        total = [prm_total(s, cfg.alpha, prm.with_response) for s in scores]   # this run's α, not the checkpoint's
+        prm_r = torch.tensor(total) / total_range(cfg.alpha, prm.with_response)   # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
         out.update(prm=prm_r, scores=scores, reward=(1 - beta) * rule + beta * prm_r)
     elif cfg.reward != "rule":
@@ -371,8 +369,8 @@ def advantages_for(Y, rew, tok, tables, cfg):
 
 
 def evaluate(model, tok, questions):
-    """Held-out greedy accuracy (sft.evaluate)."""
-    return sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+    """Held-out greedy accuracy (training.accuracy)."""
+    return training.accuracy(model, tok, questions)
 
 
 def show_samples(tok, qs, comps, rew, group_size, k=3):
@@ -387,17 +385,17 @@ def show_samples(tok, qs, comps, rew, group_size, k=3):
 def rollout(model, tok, questions, cfg, step, device):
     """Q questions and G completions of each (one batched KV-cache generation), seeded by step.
 
-    A resumed run draws the same questions and samples. Returns (questions, prompts, completions),
-    each question repeated G times, groups contiguous.
+    A resumed run draws the same questions and samples. Returns (questions, prompts, completions,
+    right), each question repeated G times, groups contiguous; right: verified, the rule reward.
     """
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     qs = [questions[i] for i in torch.randperm(len(questions), generator=g)[:cfg.questions_per_step].tolist()]
     qs = [q for q in qs for _ in range(cfg.group_size)]
     prompts = [encode_prompt(tok, q["question"]) for q in qs]
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
-    comps = generate_completions(model, tok, prompts, cfg.temperature, cfg.max_new_tokens,
-                                 batch_size=len(prompts), generator=gen)
-    return qs, prompts, comps
+    comps, right = generate_and_verify(model, tok, prompts, [q["answer"] for q in qs], cfg.temperature,
+                                       cfg.max_new_tokens, len(prompts), gen)
+    return qs, prompts, comps, right
 
 
 def frac_equal_groups(rewards, group_size):
@@ -467,8 +465,8 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         for group in optimizer.param_groups:
             group["lr"] = lr
         # 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective
-        qs, prompts, comps = rollout(model, tok, questions, cfg, step, device)
-        rew = reward_batch(tok, comps, qs, prm, cfg)
+        qs, prompts, comps, right = rollout(model, tok, questions, cfg, step, device)
+        rew = reward_batch(tok, comps, qs, right, prm, cfg)
         X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
         adv = advantages_for(Y, rew, tok, tables, cfg)
         stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)

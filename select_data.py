@@ -28,7 +28,7 @@ the batch of step t from (seed, t) alone, so the tokens of each step are known b
 training, and a student trains for the fewest steps whose batches hold --budget_tokens
 (selected sets differ in length, so equal steps would not be equal tokens; the counts then
 agree within one batch, and the run checks that training saw exactly the planned count).
-Accuracy is greedy, on the same held-out questions for every student (sft.evaluate).
+Accuracy is greedy, on the same held-out questions for every student (training.accuracy).
 Top-K is exact and deterministic: a stable sort by (-score, pool index), so ties go to the
 record that comes first in the pool. The selectors other than the oracle see the records
 with `meta` removed; the flaw-type composition table reads `meta` only to explain results.
@@ -57,7 +57,6 @@ Where this departs from the paper:
   * several seeds and a std per selector, the step-only row and the oracle are our additions.
 """
 
-import hashlib
 import os
 import random
 import statistics
@@ -70,9 +69,9 @@ import sft
 import training
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer
-from training import (load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
+from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
                       read_jsonl, write_json_atomic, save_checkpoint, format_eta)
-from rfprm import load_prm, prm_total
+from rfprm import load_prm, prm_total, untrained_scorer
 
 
 @dataclass
@@ -81,10 +80,11 @@ class SelectConfig:
     data: str = "data/arith/pool.jsonl"
     test: str = "data/arith/test.jsonl"
     tokenizer: str = DEFAULT_VOCAB
-    init: str = "out/policy/ckpt.pt"                 # every student starts from this checkpoint
+    init: str = "out/start/ckpt.pt"                  # every student starts here: never trained on the pool
+    policy: str = "out/policy/ckpt.pt"               # the confidence selector's model
     prm: str = "out/prm/ckpt.pt"                     # ReasonFlux-PRM
     prm_response: str = "out/prm_response/ckpt.pt"   # response-only PRM (train_prm.py --labels=mc)
-    selectors: str = "random,outcome,response_prm,rf_total,rf_step,oracle"
+    selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,oracle"
     k: int = 1000                  # records kept per selector (5% of the pool, see the docstring)
     seeds: int = 3                 # rows: seeds seed, seed + 1, ...
     seed: int = 1337
@@ -111,9 +111,9 @@ SELECTORS = {
     "random": "random",
     "outcome": "outcome filter",
     "response_prm": "response-only PRM",
+    "confidence": "confidence (policy)",
     "rf_total": "ReasonFlux-PRM",
     "rf_step": "ReasonFlux step (α=0)",
-    "rf_by_ops": "ReasonFlux, by ops",
     "oracle": "oracle: clean (upper bound)",
 }
 HEADLINE = "rf_total"
@@ -145,39 +145,20 @@ def top_k(scores, k):
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
-def n_ops(question):
-    """Operations in a question, counted in its text (operands are positive: every sign is one).
-
-    >>> n_ops("(3 + 4) * 5 - 2")
-    3
-    """
-    return sum(question.count(op) for op in "+-*")
-
-
-def top_k_by_group(scores, groups, k):
-    """Top-k within each group, group sizes in proportion to the pool (largest remainder): exactly k.
-
-    >>> top_k_by_group([0.9, 0.8, 0.1, 0.7, 0.6, 0.5], ["a", "a", "a", "b", "b", "b"], 4)
-    [0, 1, 3, 4]
-    """
-    need(len(scores), k)
-    members = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    quota = {g: k * len(m) / len(scores) for g, m in members.items()}
-    take = {g: int(q) for g, q in quota.items()}
-    for g in sorted(quota, key=lambda g: (-(quota[g] - take[g]), str(g)))[:k - sum(take.values())]:
-        take[g] += 1
-    chosen = []
-    for g, m in members.items():
-        if take[g]:
-            chosen += [m[j] for j in top_k([scores[i] for i in m], take[g])]
-    return sorted(chosen, key=lambda i: (-scores[i], i))
-
-
 def answer_right(record):
     """The outcome filter's test: does the response end with the right 'Answer: N' (answer key)?"""
     return task.verify("\n".join(record["response"]), record["answer"])
+
+
+def check_never_trained_on(ckpt, path, data):
+    """Refuse a student start whose recorded origin (the data files of every training run that
+    led to it, sft.py) includes the selection pool: what a student knows of reasoning must come
+    from the records it is given."""
+    pool = file_digest(data)
+    for step in ckpt.get("origin", []):
+        if step["sha256"] == pool:
+            raise ValueError(f"{path} was trained on {data} ({step['data']}): students must start from a "
+                             f"model that has never seen the selection pool (sft.py --data=... on other records)")
 
 
 def random_k(candidates, k, seed, what):
@@ -189,18 +170,16 @@ def random_k(candidates, k, seed, what):
 def select(key, records, scores, k, seed, hidden_meta=None):
     """Pool indices of the K records that selector `key` keeps.
 
-    records carry no `meta`; scores {"rf_total", "rf_step", "response_prm": [float]}; only the
-    oracle receives hidden_meta. Random selectors draw with `seed`, top-K selectors ignore it.
+    records carry no `meta`; scores {"rf_total", "rf_step", "response_prm", "confidence": [float]};
+    only the oracle receives hidden_meta. Random selectors draw with `seed`, top-K selectors ignore it.
     """
     if key == "random":
         return random_k(list(range(len(records))), k, seed, "pool")
     if key == "outcome":
         right = [i for i, r in enumerate(records) if answer_right(r)]
         return random_k(right, k, seed, "set of records with a right final answer")
-    if key in ("response_prm", "rf_total", "rf_step"):
+    if key in ("response_prm", "confidence", "rf_total", "rf_step"):
         return top_k(scores[key], k)
-    if key == "rf_by_ops":
-        return top_k_by_group(scores["rf_total"], [n_ops(r["question"]) for r in records], k)
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
@@ -211,40 +190,31 @@ def select(key, records, scores, k, seed, hidden_meta=None):
 # scoring the pool
 
 
-def file_digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def score_pool(path, records, batch_size, device, name):
-    """[(mean step score, total)] of every record under the PRM at `path`, batched, with ETA.
+def score_pool(prm, records, batch_size, name):
+    """[(mean step score, total)] of every record under a scorer (PRM.score), batched, with ETA.
 
     Records are scored in order of length (little padding per batch), in chunks for progress.
     """
-    prm = load_prm(path, device)
     order = sorted(range(len(records)), key=lambda i: len(records[i]["thinking"]) + len(records[i]["response"]))
     out, t0, chunk = [None] * len(records), time.time(), 4096  # records per progress line
     for j in range(0, len(order), chunk):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
-            out[i] = (prm_total(s, alpha=0.0), s["total"])   # (mean step score, total)
+            out[i] = (prm_total(s, 0.0, prm.with_response), s["total"])   # (mean step score, total)
         done = min(len(order), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(order):,} records | "
               f"eta {format_eta((time.time() - t0) / done * (len(order) - done))}")
     return out
 
 
-def cached_scores(path, records, cfg, device, name):
+def cached_scores(path, make_scorer, records, cfg, name):
     """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
-    key = f"{file_digest(cfg.data)}-{file_digest(path)}"
+    key = f"{file_digest(cfg.data)}-{file_digest(path)}-{name.split()[0].lower()}"
     cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"scores-{key}.pt")
     if os.path.exists(cache):
         print(f"scoring with {name}: reusing {cache}")
         return [tuple(x) for x in torch.load(cache, weights_only=True).tolist()]
-    out = score_pool(path, records, cfg.score_batch_size, device, name)
+    out = score_pool(make_scorer(), records, cfg.score_batch_size, name)
     save_checkpoint(cache, torch.tensor(out, dtype=torch.float64))
     return out
 
@@ -292,7 +262,7 @@ def plan_steps(records, tok, block_size, budget, batch_size, seed):
 def evaluate_init(cfg, tok, questions, device):
     """Greedy accuracy of the checkpoint every student starts from: the reference line of the table."""
     model = model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device)
-    return sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+    return training.accuracy(model, tok, questions)
 
 
 def train_student(records, cfg, tok, block_size, seed, device, questions):
@@ -303,7 +273,7 @@ def train_student(records, cfg, tok, block_size, seed, device, questions):
     if info["tokens"] != planned:  # the budget is the point of the comparison: never let it drift
         raise RuntimeError(f"student saw {info['tokens']} target tokens, planned {planned}")
     train_s = time.time() - t0
-    res = sft.evaluate(model, tok, questions) if questions else {"acc": float("nan"), "by_ops": {}, "n": 0}
+    res = training.accuracy(model, tok, questions)
     return {"seed": seed, "acc": res["acc"], "by_ops": res["by_ops"], "tokens": info["tokens"],
             "steps": steps, "loss": info["loss"], "train_seconds": train_s,
             "seconds": time.time() - t0}
@@ -313,12 +283,15 @@ def train_student(records, cfg, tok, block_size, seed, device, questions):
 # report: composition, table, figure, checks
 
 
-def composition(indices, hidden_meta):
-    """Share of each flaw type (and of good trajectories) in a selected set (hidden meta)."""
+def composition(indices, hidden_meta, records):
+    """What a selected set holds: the share of each flaw type and of good trajectories (hidden
+    meta), of 3-operation questions, of answer 0, and the median size of the answers."""
     flaws = [hidden_meta[i]["flaw"] for i in indices]
     out = {f: flaws.count(f) / len(flaws) for f in task.FLAWS}
     out["good"] = sum(hidden_meta[i]["good"] for i in indices) / len(flaws)
     out["3 ops"] = sum(hidden_meta[i]["n_ops"] >= 3 for i in indices) / len(flaws)
+    out["answer 0"] = sum(records[i]["answer"] == 0 for i in indices) / len(flaws)
+    out["|answer|"] = statistics.median(abs(records[i]["answer"]) for i in indices)
     return out
 
 
@@ -359,12 +332,14 @@ def format_tables(summary, cfg, n_pool, pool_comp, start):
         steps = f"{min(s['steps'])}-{max(s['steps'])}"
         lines.append(f"{s['name']:<30}{100 * s['acc_mean']:>8.1f} ± {100 * s['acc_std']:<4.1f}" +
               "".join(f"{100 * s['by_ops_mean'][n]:>9.1f}" for n in ops) + f"{tok:>20}{steps:>12}")
-    lines.append(f"\nflaw-type composition of the selected sets (%, hidden meta, read for this table only)")
+    lines.append(f"\ncomposition of the selected sets (% of records; flaw types read from the hidden meta, "
+                 f"for this table only; |answer|: median)")
     cols = list(pool_comp)
     short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
     lines.append(f"{'selector':<30}" + "".join(f"{short.get(c, c):>10}" for c in cols))
     for name, comp in [("pool", pool_comp)] + [(s["name"], s["composition"]) for s in summary.values()]:
-        lines.append(f"{name:<30}" + "".join(f"{100 * comp[c]:>10.1f}" for c in cols))
+        lines.append(f"{name:<30}" + "".join(f"{comp[c]:>10.1f}" if c == "|answer|" else f"{100 * comp[c]:>10.1f}"
+                                             for c in cols))
     return "\n".join(lines)
 
 
@@ -399,16 +374,17 @@ def save_figure(summary, path):
 
 
 def checks(summary):
-    """The claims of this stage: ReasonFlux-PRM's students beat random by >= 5 points, and the
-    outcome filter and the response-only PRM, as means over seeds."""
+    """The claims of this stage, as means over seeds: ReasonFlux-PRM's students beat random by
+    >= 5 points and are at or above the outcome filter, the response-only PRM and the confidence
+    baseline; the clean oracle beats random by >= 8 points (the data's quality must matter)."""
     out = {}
     if HEADLINE not in summary:
         return out
     rf = summary[HEADLINE]
-    for key, margin in (("random", 0.05), ("outcome", 0.0), ("response_prm", 0.0)):
+    for key, margin in (("random", 0.05), ("outcome", 0.0), ("response_prm", 0.0), ("confidence", 0.0)):
         if key in summary:
             d = rf["acc_mean"] - summary[key]["acc_mean"]
-            out[f"rf_above_{key}" + ("_by_5_points" if margin else "")] = d >= margin if margin else d > 0
+            out[f"rf_above_{key}" + ("_by_5_points" if margin else "")] = d >= margin
             print(f"ReasonFlux-PRM minus {summary[key]['name']}: {100 * d:+.1f} points "
                   f"(std {100 * rf['acc_std']:.1f} and {100 * summary[key]['acc_std']:.1f})")
     print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out.items()))
@@ -430,36 +406,40 @@ def main(argv=None):
     need(len(pool), cfg.k)  # before any scoring or training
     hidden_meta = [r["meta"] for r in pool]
     records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    prm_paths = {"rf": cfg.prm} if {"rf_total", "rf_step", "rf_by_ops"} & set(keys) else {}
-    if "response_prm" in keys:
-        prm_paths["response"] = cfg.prm_response
-    for name, p in prm_paths.items():  # fail now, not after minutes of work
-        if not os.path.exists(p):
-            opt = "prm" if name == "rf" else "prm_response"
-            raise FileNotFoundError(f"no PRM checkpoint at {p!r}: train it with train_prm.py, or point --{opt} at it")
+    needed = {"prm": {"rf_total", "rf_step"}, "prm_response": {"response_prm"}, "policy": {"confidence"}}
+    for opt, users in needed.items():  # fail now, not after minutes of work
+        path = getattr(cfg, opt)
+        if users & set(keys) and not os.path.exists(path):
+            raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
     device = pick_device(cfg.device)
     tok = Tok(load_tokenizer(cfg.tokenizer))
-    block_size = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)["model_args"]["block_size"]
+    start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+    check_never_trained_on(start_ckpt, cfg.init, cfg.data)
+    block_size = start_ckpt["model_args"]["block_size"]
     questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions]
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     scores = {}
-    if "rf" in prm_paths:
-        rf = cached_scores(cfg.prm, records, cfg, device, "ReasonFlux-PRM")
+    if {"rf_total", "rf_step"} & set(keys):
+        rf = cached_scores(cfg.prm, lambda: load_prm(cfg.prm, device), records, cfg, "ReasonFlux-PRM")
         scores["rf_step"], scores["rf_total"] = [s for s, _ in rf], [t for _, t in rf]
-    if "response" in prm_paths:
-        scores["response_prm"] = [t for _, t in cached_scores(cfg.prm_response, records, cfg, device, "response-only PRM")]
+    if "response_prm" in keys:
+        scores["response_prm"] = [t for _, t in cached_scores(cfg.prm_response, lambda: load_prm(cfg.prm_response, device),
+                                                              records, cfg, "response-only PRM")]
+    if "confidence" in keys:
+        scorer = lambda: untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
+        scores["confidence"] = [t for _, t in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
     t_score = time.time() - t0
 
     start = evaluate_init(cfg, tok, questions, device)
-    print(sft.format_accuracy("start (no training)", start))
+    print(training.format_accuracy("start (no training)", start))
     seeds = [cfg.seed + r for r in range(cfg.seeds)]
     rows, n_done, n_all, t_train = {k: [] for k in keys}, 0, len(keys) * len(seeds), time.time()
     for seed in seeds:        # row by row, so that an interrupted run has whole rows
         for key in keys:
             idx = select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None)
             run = train_student([records[i] for i in idx], cfg, tok, block_size, seed, device, questions)
-            run["composition"] = composition(idx, hidden_meta)
+            run["composition"] = composition(idx, hidden_meta, records)
             run["selected"] = idx  # pool indices, best first for the top-K selectors
             rows[key].append(run)
             n_done += 1
@@ -472,7 +452,7 @@ def main(argv=None):
           f"(budget {cfg.budget_tokens:,}: each trains the fewest steps that reach it)")
 
     summary = summarise(rows)
-    pool_comp = composition(range(len(pool)), hidden_meta)
+    pool_comp = composition(range(len(pool)), hidden_meta, records)
     print(format_tables(summary, cfg, len(pool), pool_comp, start))
     verdict = checks(summary)
     png = os.path.join(cfg.out_dir, "select.png")

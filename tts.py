@@ -22,7 +22,7 @@ is then its mean over size-N subsets of those N_max samples: all of them when th
 most `n_subsets` (exact), otherwise `n_subsets` random subsets per question (Monte Carlo).
 All choosers see the same subsets, so their differences carry less noise than their levels.
 Ties are broken deterministically: the lowest sample index wins (for votes: the answer
-seen first). A sample's answer is read from its response (`Answer: N`), as sft.evaluate does.
+seen first). A sample's answer is read from its response (`Answer: N`), as training.accuracy does.
 
 Where this departs from the paper:
   * the policy and the PRMs are the small models the earlier stages trained, on held-out
@@ -46,9 +46,9 @@ import torch
 
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
-from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device,
+from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device, pack,
                       parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
-from rfprm import load_prm
+from rfprm import load_prm, untrained_scorer
 
 
 @dataclass
@@ -60,7 +60,7 @@ class TTSConfig:
     prm: str = "out/prm/ckpt.pt"                        # ReasonFlux-PRM (required)
     prm_response: str = "out/prm_response/ckpt.pt"      # response-only PRM; "" leaves it out
     prm_outcome: str = "out/prm_outcome/ckpt.pt"        # outcome scorer; "" leaves it out
-    n_questions: int = 100
+    n_questions: int = 500
     n_samples: int = 32            # N_max: samples per question, drawn once
     ns: str = "1,2,4,8,16,32"      # the N of the curve, each at most n_samples
     n_subsets: int = 1000          # subsets per question and N (all of them when fewer exist)
@@ -79,6 +79,7 @@ PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given e
 
 SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
 WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
+CONFIDENCE, LIKELIHOOD = "confidence", "mean log-likelihood"   # the untrained choosers, from the policy
 
 
 # ----------------------------------------------------------------------------
@@ -235,12 +236,25 @@ def to_records(tok, questions, comps, n_samples):
     return records, answers, correct
 
 
-def score_unique(prm, records, keys, chunk, name):
-    """PRM totals of records (a list of floats), scoring each distinct key once, with ETA.
+@torch.no_grad()
+def mean_loglik(policy, tok, prompts, comps, batch_size=64):
+    """Per completion, the policy's mean token log-likelihood of it, at the sampling temperature 1:
+    an untrained chooser that prefers what the policy itself finds most likely."""
+    device = next(policy.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        X, Y = pack(list(zip(prompts[i:i + batch_size], comps[i:i + batch_size])), policy.config.block_size, tok.eot)
+        _, loss = policy(X.to(device), Y.to(device), loss_reduction="none")          # (B, T), 0 off targets
+        out += (-loss.sum(1).cpu() / (Y != -1).sum(1).clamp(min=1)).tolist()
+    return out
+
+
+def score_unique(score_fn, records, keys, chunk, name):
+    """score_fn(indices) -> one float per sample, called on each distinct key once, with ETA.
 
     A sharp policy repeats itself, so identical (question, completion) pairs are scored once;
-    records are scored in order of their number of lines (a proxy for length), so that a
-    batch carries little padding; `chunk` records per progress line.
+    samples go in order of their number of lines (a proxy for length), so that a batch carries
+    little padding; `chunk` samples per progress line. Returns (a float per sample, distinct count).
     """
     first = {}
     for i, k in enumerate(keys):
@@ -249,8 +263,7 @@ def score_unique(prm, records, keys, chunk, name):
     total, t0 = {}, time.time()
     for j in range(0, len(uniq), chunk):
         part = uniq[j:j + chunk]
-        for i, s in zip(part, prm.score([records[i] for i in part])):
-            total[i] = s["total"]
+        total.update(zip(part, score_fn(part)))
         done = min(len(uniq), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(uniq):,} distinct samples | "
               f"eta {format_eta((time.time() - t0) / done * (len(uniq) - done))}")
@@ -286,14 +299,13 @@ def format_picked_answers(scores, answers, questions):
 
 
 def format_table(curves, ns):
-    """Best-of-N accuracy against N, one row per chooser (as printed and in out/results.md)."""
-    lines = []
-    lines.append("\nBest-of-N accuracy (%) against N (mean over size-N subsets of each question's samples)")
-    lines.append(f"{'chooser':<22}" + "".join(f"{'N=' + str(n):>8}" for n in ns))
+    """Best-of-N accuracy ± its standard error over questions against N, one row per chooser
+    (as printed and in out/results.md)."""
+    lines = ["\nBest-of-N accuracy (%) ± standard error over questions, against N "
+             "(mean over size-N subsets of each question's samples)",
+             f"{'chooser':<22}" + "".join(f"{'N=' + str(n):>11}" for n in ns)]
     for name, rows in curves.items():
-        lines.append(f"{name:<22}" + "".join(f"{100 * r['acc']:>8.1f}" for r in rows))
-    se = max(r["se"] for rows in curves.values() for r in rows)
-    lines.append(f"(standard error over questions: at most {100 * se:.1f} points; differences below are paired)")
+        lines.append(f"{name:<22}" + "".join(f"{100 * r['acc']:>7.1f}±{100 * r['se']:<3.1f}" for r in rows))
     return "\n".join(lines)
 
 
@@ -342,17 +354,21 @@ def save_figure(curves, ns, path):
 
 
 def checks(curves, per_question, ns):
-    """The claims of this stage, read off the curves: does the PRM scale, and beat the baselines?"""
+    """The claims of this stage, read off the curves: ReasonFlux-PRM never loses more than one
+    standard error from one N to the next; from N = 8 on it is above majority vote and every
+    other learned or untrained chooser; voting weighted by it is never below the plain vote."""
     out = {}
-    prm = [r["acc"] for r in curves[WEIGHTS]]
-    slack = max(r["se"] for r in curves[WEIGHTS])  # "within noise": one standard error
-    out["prm_rises_with_n"] = all(b >= a - slack for a, b in zip(prm, prm[1:])) and prm[-1] > prm[0]
-    for rival in ("majority vote", "response-only PRM"):
+    rf = curves[WEIGHTS]
+    out["prm_never_drops_by_more_than_one_se"] = all(b["acc"] >= a["acc"] - b["se"] for a, b in zip(rf, rf[1:]))
+    for rival in ("majority vote", "response-only PRM", CONFIDENCE, LIKELIHOOD):
         if rival in curves and max(ns) >= 8:
             diff = paired_difference(per_question, WEIGHTS, rival)
             out[f"prm_above_{rival.replace(' ', '_')}_for_n_ge_8"] = all(diff[n][0] > 0 for n in ns if n >= 8)
             print(f"ReasonFlux-PRM minus {rival}: " +
                   "  ".join(f"N={n} {100 * m:+.1f}±{100 * s:.1f}" for n, (m, s) in diff.items()))
+    if "PRM-weighted vote" in curves:
+        out["weighted_vote_at_or_above_majority"] = all(
+            w["acc"] >= v["acc"] for w, v in zip(curves["PRM-weighted vote"], curves["majority vote"]))
     print("checks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in out.items()))
     return out
 
@@ -387,9 +403,15 @@ def main(argv=None):
     t_sample = time.time() - t0
 
     keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
+    scorers = {name: load_prm(path, device) for name, path in prm_paths.items()}
+    scorers[CONFIDENCE] = untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
+    score_fns = {name: (lambda idx, prm=prm: [s["total"] for s in prm.score([records[i] for i in idx])])
+                 for name, prm in scorers.items()}
+    prompts = [encode_prompt(tok, q["question"]) for q in questions for _ in range(cfg.n_samples)]
+    score_fns[LIKELIHOOD] = lambda idx: mean_loglik(policy, tok, [prompts[i] for i in idx], [comps[i] for i in idx])
     scores, n_unique = {}, 0
-    for name, path in prm_paths.items():
-        totals, n_unique = score_unique(load_prm(path, device), records, keys, 2 * cfg.batch_size, name)
+    for name, fn in score_fns.items():
+        totals, n_unique = score_unique(fn, records, keys, 2 * cfg.batch_size, name)
         scores[name] = torch.tensor(totals).view(len(questions), cfg.n_samples)
     t_score = time.time() - t0 - t_sample
 
