@@ -27,9 +27,9 @@ def smoke_data(tmp_path_factory):
     return d
 
 
-def data_args(d):
-    """The options that point a script at the smoke data set."""
-    return [f"--tokenizer={d}/tokenizer.tiktoken", f"--data={d}/pool.jsonl", f"--test={d}/test.jsonl"]
+def data_args(d, data="train.jsonl"):
+    """The options that point a script at the smoke data set (--data: the training records, or the pool)."""
+    return [f"--tokenizer={d}/tokenizer.tiktoken", f"--data={d}/{data}", f"--test={d}/test.jsonl"]
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +57,7 @@ def smoke_prms(smoke_data, smoke_policy, tmp_path_factory):
     paths = {}
     for labels in ("fused", "mc", "outcome"):
         run_script("train_prm.py", "--smoke", f"--labels={labels}", f"--policy={smoke_policy}",
-                   f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                   f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                    f"--out_dir={root / labels}", f"--cache_dir={root / 'rewards'}")
         paths[labels] = root / labels / "ckpt.pt"
     return paths

@@ -40,7 +40,7 @@ def test_double_the_flaw_rate_halves_the_clean_share(tmp_path):
 
 def test_prm_without_coherence_runs(smoke_data, smoke_policy, tmp_path):
     out = run_script("train_prm.py", "--smoke", "--fuse=align,quality", f"--policy={smoke_policy}",
-                     f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                     f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                      f"--out_dir={tmp_path / 'prm'}", f"--cache_dir={tmp_path / 'rewards'}")
     assert (tmp_path / "prm" / "ckpt.pt").exists() and "step" in out.stdout
 

@@ -1,4 +1,5 @@
-"""Reward design and the PRM: each reward on hand-made steps, the loss, scoring edge cases, the cache."""
+"""The PRM: its readout and surprise term, the confidence baseline, read positions, the loss,
+scoring edge cases, the cache, and the ProcessBench metrics."""
 
 import json
 import math
@@ -7,10 +8,9 @@ import pytest
 import torch
 
 from conftest import run_script
-from model import GPTConfig, load_tokenizer, Tok
-from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, PRM, prm_loss, load_prm,
-                   prm_tokens, score_batch_size)
-import rfprm
+from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
+from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
+                   arithmetic_accuracy)
 import train_prm
 
 
@@ -19,49 +19,106 @@ def tok(smoke_data):
     return Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
 
 
-def vecs(tok, encoder, lines):
-    return encoder.encode([tok.enc.encode_ordinary(l) for l in lines])
+FACTS = [(a, b) for a in range(1, 5) for b in range(1, 5)]
 
 
-def test_aligned_step_scores_above_unrelated_step(tok):
-    response = ["1. 5 - 2 = 3", "2. 4 * 3 = 12", "3. 3 + 12 = 15", "Answer: 15"]
-    steps = ["first, 5 - 2 = 3", "hmm, let me keep going", "also, just to see, 8 * 9 = 72"]
-    enc = TfidfEncoder().fit([tok.enc.encode_ordinary(l) for l in response + steps])
-    r = alignment_reward(vecs(tok, enc, steps), vecs(tok, enc, response),
-                         torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
-    assert r[0] > r[1] and r[0] > r[2] and r[0] > 0.5
-    # a response of another record does not count
-    r_other = alignment_reward(vecs(tok, enc, steps[:1]), vecs(tok, enc, response),
-                               torch.zeros(1, dtype=torch.long), torch.ones(4, dtype=torch.long))
-    assert r_other.item() == 0.0
+def fact_record(a, b, c):
+    return {"question": f"{a} + {b}", "thinking": ["let me see", f"then {a} + {b} = {c}"], "response": [f"Answer: {c}"]}
 
 
-def test_coherent_successor_scores_above_random_step(tok):
-    prev = ["first, 5 - 2 = 3", "first, 5 - 2 = 3"]
-    nxt = ["check: 5 - 2 = 3, ok", "also, just to see, 8 * 9 = 72"]
-    negatives = ["Answer: 41", "so the answer is 7", "then 6 + 6 = 12", "ok, mind the order of operations"]
-    enc = TfidfEncoder().fit([tok.enc.encode_ordinary(l) for l in prev + nxt + negatives])
-    neg = vecs(tok, enc, negatives)[None].expand(2, -1, -1)
-    logp = coherence_reward(vecs(tok, enc, prev), vecs(tok, enc, nxt), neg, tau=0.1)
-    assert logp[0] > logp[1] and (logp <= 0).all()
-    prob = coherence_reward(vecs(tok, enc, prev), vecs(tok, enc, nxt), neg, tau=0.1, rescaled=True)
-    assert torch.allclose(prob, logp.exp()) and ((prob >= 0) & (prob <= 1)).all()
+@pytest.fixture(scope="module")
+def arith_lm(tok):
+    """A tiny GPT that has learnt sixteen sums in the PRM's record layout (a few seconds on a CPU)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=padded_vocab_size(tok.enc), n_layer=2, n_head=2, n_embd=64))
+    rows = [prm_tokens(tok, **{k: v for k, v in fact_record(a, b, a + b).items()})["ids"] for a, b in FACTS]
+    X = torch.tensor(rows)                   # every record has the same length
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(X[:, :-1], X[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
 
 
-def test_fusion_weights_sum_to_one_and_favour_high_rewards():
-    a, q, c = torch.tensor([0.9, 0.1]), torch.tensor([1.0, 0.0]), torch.tensor([-2.0, -0.1])
-    fused, w = fuse_rewards(a, q, c)
-    assert torch.allclose(w.sum(1), torch.ones(2))
-    assert torch.allclose(fused, (w * torch.stack([a, q, c], 1)).sum(1))
-    assert w[0, 1] > w[0, 2], "a high reward gets the larger weight"
-    assert fused[0] > fused[1]
+def test_a_wrong_result_is_surprising_and_lowers_the_score(tok, arith_lm):
+    right, wrong = fact_record(2, 3, 5), fact_record(2, 3, 7)
+    prm = PRM(arith_lm.config)                 # readout="surprise"; head at zero: the score is σ(a·ℓ)
+    prm.gpt.load_state_dict(arith_lm.state_dict())
+    idx, result_of = batch_of([prm_tokens(tok, **r) for r in (right, wrong)], tok.eot)
+    ends = prm_tokens(tok, **right)["think"]
+    ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, result_of)
+    assert ell[0, ends[1]] > -0.5 > -3 > ell[1, ends[1]], ell[:, ends]
+    assert ell[0, ends[0]] == 0 and ell[1, ends[0]] == 0, "a filler states no result: no surprise"
+    scores, _ = prm(idx, result_of)
+    assert scores[0, ends[1]] > 0.45 > 0.1 > scores[1, ends[1]]       # σ(ℓ): about ½ against about 0
+    # the paper's plain head cannot see it without training: the same score for both
+    plain = PRM(arith_lm.config, readout="plain")
+    plain.gpt.load_state_dict(arith_lm.state_dict())
+    assert torch.equal(plain(idx, result_of)[0][0, ends[1]], plain(idx, result_of)[0][1, ends[1]])
+    # the gradient reaches the backbone through ℓ alone (the head's weights are still zero)
+    prm.zero_grad()
+    scores[1, ends[1]].backward()
+    assert prm.head.weight.abs().sum() == 0
+    assert prm.gpt.h[0].attn.c_attn.weight.grad.abs().sum() > 0 and prm.gpt.wte.weight.grad.abs().sum() > 0
+    assert prm.surprise_weight.grad != 0
 
 
-def test_tfidf_is_deterministic_and_normalised(tok):
-    lines = ["first, 5 - 2 = 3", "then 4 * 3 = 12"]
-    ids = [tok.enc.encode_ordinary(l) for l in lines]
-    a, b = TfidfEncoder().fit(ids).encode(ids), TfidfEncoder().fit(ids).encode(ids)
-    assert torch.equal(a, b) and torch.allclose(a.norm(dim=1), torch.ones(2))
+def test_confidence_baseline_on_a_hand_made_record(tok, arith_lm):
+    scorer = PRM(arith_lm.config, readout="confidence")
+    scorer.gpt.load_state_dict(arith_lm.state_dict())
+    scorer.tok, scorer.alpha = tok, 0.0
+    good, bad = scorer.score([fact_record(3, 4, 7), fact_record(3, 4, 8)])
+    assert good["step"][0] == bad["step"][0] == 1.0, "no result, no surprise: exp(0)"
+    assert good["step"][1] > 0.6 and bad["step"][1] < 0.05
+    assert good["response"][0] > bad["response"][0]
+    assert good["total"] == pytest.approx(sum(good["step"]) / 2 + min(good["response"]))   # α = 0
+    assert good["total"] > bad["total"]
+
+
+def test_backbone_arithmetic_accuracy(tok, arith_lm):
+    assert arithmetic_accuracy(arith_lm, tok, [fact_record(a, b, a + b) for a, b in FACTS]) == 1.0
+    # lines the expert judges wrong are not counted; a model that knows nothing scores 0
+    assert arithmetic_accuracy(arith_lm, tok, [fact_record(1, 1, 5)]) == 0.0
+    blank = GPT(arith_lm.config)
+    assert arithmetic_accuracy(blank, tok, [fact_record(a, b, a + b) for a, b in FACTS]) < 0.5
+
+
+def test_read_positions_and_result_tokens(tok):
+    e = prm_tokens(tok, "1 + 2", ["1 + 2 = 3", "hmm, ok", "so the answer is 13"], ["1. 1 + 2 = 3", "Answer: 3"])
+    ids, nl = e["ids"], tok.enc.encode_ordinary("\n")[0]
+    assert [ids[p] for p in e["think"]] == [nl, nl, tok.end_think]
+    assert [ids[p] for p in e["response"]] == [nl, tok.eot] and e["end"] == len(ids) - 1 and not e["truncated"]
+    results = {end: tok.enc.decode([ids[p] for p, x in enumerate(e["result_of"]) if x == end])
+               for end in e["think"] + e["response"]}
+    assert [results[p] for p in e["think"]] == [" 3", "", " 13"]
+    assert [results[p] for p in e["response"]] == [" 3", " 3"]
+    assert len(e["result_of"]) == len(ids) and encode_prompt(tok, "1 + 2") == ids[:len(encode_prompt(tok, "1 + 2"))]
+    cut = prm_tokens(tok, "1 + 2", ["7 " * 100], ["Answer: 3"], block_size=32)
+    assert cut["truncated"] and len(cut["ids"]) == 32 and max(cut["result_of"] + cut["response"]) <= 31
+
+
+def test_pack_prm_puts_targets_where_steps_end(tok):
+    rec = {"question": "3 + 4", "thinking": ["first, 3 + 4 = 7", "so the answer is 7"], "response": ["Answer: 7"]}
+    targets = [{"step": [0.9, 0.6], "response": [1.0], "final": 0.25, "approved": [True, False, True]},
+               {"step": [0.1, 0.2], "response": [], "final": float("nan"), "approved": []}]
+    ids, result_of, t_step, t_final, lm, lengths = train_prm.pack_prm([rec, rec], targets, tok, "full", 256)
+    e = prm_tokens(tok, **rec)
+    assert lengths.tolist() == [len(e["ids"])] * 2 and ids[0, :len(e["ids"])].tolist() == e["ids"]
+    step_at = (~torch.isnan(t_step[0])).nonzero().flatten().tolist()
+    assert step_at == e["think"] + e["response"] and t_step[0, step_at].tolist() == pytest.approx([0.9, 0.6, 1.0])
+    assert (~torch.isnan(t_step[1])).nonzero().flatten().tolist() == e["think"], "no response targets: none read"
+    assert (~torch.isnan(t_final[0])).nonzero().flatten().tolist() == [e["end"]] and t_final[0, e["end"]] == 0.25
+    assert torch.isnan(t_final[1]).all()
+    # the LM targets: the result tokens of the approved steps (first thinking step, the answer), one early
+    result = [p for p, end in enumerate(e["result_of"]) if end in (e["think"][0], e["response"][0])]
+    assert (lm[0] >= 0).nonzero().flatten().tolist() == [p - 1 for p in result]
+    assert lm[0, [p - 1 for p in result]].tolist() == [e["ids"][p] for p in result] and (lm[1] == -1).all()
+    # the response-only baseline reads its labels at the response steps
+    _, _, t_mc, _, _, _ = train_prm.pack_prm([rec], [{"step": [], "response": [0.5], "final": float("nan"),
+                                                      "approved": []}], tok, "response_only", 256)
+    assert (~torch.isnan(t_mc[0])).sum() == 1
 
 
 def test_prm_loss_is_zero_at_targets_and_flows_only_through_read_positions():
@@ -78,11 +135,12 @@ def test_prm_loss_is_zero_at_targets_and_flows_only_through_read_positions():
     assert (scores.grad[~read] == 0).all() and (scores.grad[0, 1] != 0)
 
 
-def test_read_positions_are_step_ends(tok):
-    ids, tp, rp, end, cut = prm_tokens(tok, "1 + 2", ["1 + 2 = 3", "so the answer is 3"], ["1. 1 + 2 = 3", "Answer: 3"])
-    nl = tok.enc.encode_ordinary("\n")[0]
-    assert [ids[p] for p in tp] == [nl, tok.end_think]
-    assert [ids[p] for p in rp] == [nl, tok.eot] and end == len(ids) - 1 and not cut
+def test_total_is_mean_step_plus_alpha_trajectory():
+    s = {"step": [0.2, 0.6], "response": [1.0, 0.0, 0.5], "trajectory": 0.5}
+    assert prm_total(s, 1.0, with_response=False) == pytest.approx(0.9)       # the paper's mean
+    assert prm_total(s, 0.0, with_response=False) == pytest.approx(0.4)
+    assert prm_total(s, 1.0) == pytest.approx(0.4 + 0.0 + 0.5)                 # ours: + the response's worst step
+    assert prm_total({"step": [], "response": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
 
 
 def test_score_never_crashes_on_odd_records(smoke_prms):
@@ -96,7 +154,7 @@ def test_score_never_crashes_on_odd_records(smoke_prms):
     for o, r in zip(out, records):
         assert len(o["step"]) == len(r["thinking"]) and len(o["response"]) == len(r["response"])
         assert all(math.isfinite(x) for x in o["step"] + o["response"] + [o["trajectory"], o["total"]])
-    assert out[0]["total"] == pytest.approx(out[0]["trajectory"])  # no steps: mean(step) counts as 0
+    assert prm.readout == "surprise" and prm.with_response
 
 
 def test_response_only_prm_reads_thinking_as_response_steps(smoke_prms, smoke_data):
@@ -133,31 +191,25 @@ def test_score_forwards_cache_sized_batches_on_cpu(smoke_prms, smoke_data):
     assert rows == [16, 16, 8] and score_batch_size("cpu") == 16 and score_batch_size("cuda") == 256
 
 
-def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
-    args = ["train_prm.py", "--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/pool.jsonl",
+def prm_args(smoke_data, smoke_policy, tmp_path):
+    return ["train_prm.py", "--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/train.jsonl",
             f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"]
+
+
+def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
+    args = prm_args(smoke_data, smoke_policy, tmp_path)
     first = run_script(*args, f"--out_dir={tmp_path / 'a'}")
-    assert "reusing" not in first.stdout
+    assert "reusing" not in first.stdout and "rollouts without a template" in first.stdout
     second = run_script(*args, f"--out_dir={tmp_path / 'b'}")
     assert "reusing" in second.stdout
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a), "the same targets give the same PRM"
-    # another setting that changes rewards makes a new design
-    third = run_script(*args, "--tau=0.5", f"--out_dir={tmp_path / 'c'}")
-    assert "reusing" not in third.stdout
-
-
-def test_relative_trajectory_reward(smoke_data, smoke_policy, tmp_path):
-    assert train_prm.relative_final([1.0, 0.5, 0.0], [1.0, 0.25, 0.5]) == [0.5, 0.625, 0.25]
-    args = ["train_prm.py", "--smoke", "--final=relative", f"--policy={smoke_policy}",
-            f"--data={smoke_data}/pool.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
-            f"--cache_dir={tmp_path / 'rewards'}", f"--out_dir={tmp_path / 'prm'}"]
-    proc = run_script(*args)
-    assert "rollouts without a template" in proc.stdout and (tmp_path / "prm" / "ckpt.pt").exists()
-    assert len(list((tmp_path / "rewards").glob("plain-*.pt"))) == 1
-    proc = run_script(*args[:-1], "--final=relativ", f"--out_dir={tmp_path / 'bad'}", check=False)
-    assert proc.returncode != 0 and "--final must be template or relative" in proc.stderr
+    # another setting that changes rewards makes a new design; a fusion option does not
+    assert "reusing" not in run_script(*args, "--tau=0.5", f"--out_dir={tmp_path / 'c'}").stdout
+    assert "reusing" in run_script(*args, "--fusion=paper", f"--out_dir={tmp_path / 'd'}").stdout
+    proc = run_script(*args, "--final=relativ", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode != 0 and "--final must be one of relative, template" in proc.stderr
 
 
 def test_auroc_and_first_error_f1_by_hand():
@@ -169,20 +221,32 @@ def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
 
 
-def test_total_is_mean_step_plus_alpha_trajectory():
-    assert rfprm.prm_total({"step": [0.2, 0.6], "trajectory": 0.5}, 1.0) == pytest.approx(0.9)
-    assert rfprm.prm_total({"step": [0.2, 0.6], "trajectory": 0.5}, 0.0) == pytest.approx(0.4)
-    assert rfprm.prm_total({"step": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
+def test_evaluate_scorer_on_hand_made_scores():
+    """Computation lines are those with 'a op b = c'; the per-flaw mean is over the test half."""
+    def rec(flaw, ok):
+        return {"thinking": ["let me see", "then 2 + 2 = 4"], "meta": {"flaw": flaw, "good": flaw == "clean",
+                "step_ok": ok, "first_error": next((t for t, g in enumerate(ok) if not g), -1)}}
+    records = [rec("clean", [True, True]), rec("slip", [True, False])] * 2
+    scores = [{"step": [0.05, 0.9], "total": 1.0}, {"step": [0.9, 0.1], "total": 0.4}] * 2   # an opener below a slip
+    r = train_prm.evaluate_scorer(scores, records)
+    assert r["computation_auroc"] == 1.0 and r["step_auroc"] == pytest.approx(2 / 3)
+    assert r["trajectory_auroc"] == 1.0 and r["per_flaw"] == {"clean": 1.0, "slip": 0.4}
+    assert "yes" in train_prm.format_per_flaw({"x": r}).splitlines()[-1]
 
 
 def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
     assert [v[0] for v in train_prm.chosen_variants("")] == [v[0] for v in train_prm.VARIANTS]
-    picked = train_prm.chosen_variants("response, main")
-    assert [v[1] for v in picked] == ["", "_response"]
+    picked = train_prm.chosen_variants("response, main, confidence")
+    assert [v[1] for v in picked] == ["", "_response", "_confidence"]
     with pytest.raises(ValueError, match="unknown quailty"):
         train_prm.chosen_variants("main,quailty")
     with pytest.raises(ValueError, match="add --eval"):
         train_prm.main(["--rows=quality"])
+    # every departure's paper form is a row, and the paper as written undoes all four
+    paper = dict(next(v[2] for v in train_prm.VARIANTS if v[1] == "_paper"))
+    assert paper == {"fusion": "paper", "final": "template", "readout": "plain", "response": False}
+    for key, value in paper.items():
+        assert any(v[2] == {key: value} for v in train_prm.VARIANTS), key
 
 
 def test_histogram_figure_for_a_single_scorer(tmp_path):
@@ -193,9 +257,10 @@ def test_histogram_figure_for_a_single_scorer(tmp_path):
     assert train_prm.save_histograms(scores, records, path) and (tmp_path / "hist.png").stat().st_size > 0
 
 
-def test_score_cli_prints_every_step(smoke_prms, smoke_data):
+def test_score_cli_prints_every_trained_step(smoke_prms, smoke_data):
     out = run_script("rfprm.py", "score", str(smoke_data / "pool.jsonl"), f"--prm={smoke_prms['fused']}", "--n=2").stdout
     recs = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:2]
     assert out.count("Q: ") == 2 and "\033[" not in out, "no colour codes when stdout is not a terminal"
     assert out.count("  think ") == sum(len(r["thinking"]) for r in recs)
+    assert out.count("  resp  0.") + out.count("  resp  1.") == sum(len(r["response"]) for r in recs)
     assert out.count("trajectory ") == 2

@@ -5,6 +5,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import run_script, data_args
 from model import Tok, load_tokenizer
@@ -37,25 +38,6 @@ def test_top_k_is_exact_and_stable_under_ties():
         select_data.top_k([0.1, float("nan"), 0.3], 2)
 
 
-def test_top_k_by_group_keeps_the_pool_proportions_exactly(smoke_data):
-    rng = random.Random(1)
-    for trial in range(20):
-        groups = [rng.choice("abc") for _ in range(50)]
-        scores = [rng.randint(0, 3) for _ in range(50)]   # ties across and within groups
-        k = rng.randint(1, 50)
-        got = select_data.top_k_by_group(scores, groups, k)
-        assert len(got) == k == len(set(got))
-        for g in "abc":
-            kept = [i for i in got if groups[i] == g]
-            share = k * groups.count(g) / 50
-            assert abs(len(kept) - share) < 1, (g, len(kept), share)            # largest remainder
-            in_group = [s if groups[i] == g else -1 for i, s in enumerate(scores)]
-            assert not kept or kept == reference_top_k(in_group, len(kept))     # the best of its group
-    # the difficulty it groups by is read from the question, and agrees with the hidden count
-    pool = read_jsonl(str(smoke_data / "pool.jsonl"))
-    assert all(select_data.n_ops(r["question"]) == r["meta"]["n_ops"] for r in pool)
-
-
 def test_pool_smaller_than_k_is_a_clear_error(smoke_data):
     with pytest.raises(ValueError, match=r"K=5 .*only 3"):
         select_data.top_k([0.1, 0.2, 0.3], 5)
@@ -72,7 +54,7 @@ def test_pool_smaller_than_k_is_a_clear_error(smoke_data):
     n_pool = len(read_jsonl(str(smoke_data / "pool.jsonl")))
     with pytest.raises(ValueError, match=rf"K=100000 .*only {n_pool}"):
         select_data.main(["--smoke", "--k=100000", "--prm=/nonexistent", "--prm_response=/nonexistent",
-                          "--init=/nonexistent", *data_args(smoke_data)])
+                          "--init=/nonexistent", *data_args(smoke_data, "pool.jsonl")])
 
 
 def test_selectors_see_no_meta_and_keep_what_they_promise(smoke_data):
@@ -111,15 +93,32 @@ def test_identical_token_budgets_across_selectors(smoke_data, smoke_base):
     assert naive < 0.8 * b["tokens"]
 
 
-def test_select_smoke_run_writes_results(smoke_data, smoke_base, smoke_prms, tmp_path):
+def test_students_never_start_from_a_checkpoint_trained_on_the_pool(smoke_data, smoke_base, tmp_path):
+    """The start's recorded origin (every data file of the runs that made it) must not hold the pool."""
+    on_pool = tmp_path / "on_pool"
+    run_script("sft.py", "--smoke", f"--init={smoke_base}", "--eval_questions=0", f"--out_dir={on_pool}",
+               *data_args(smoke_data, "pool.jsonl"))
+    ckpt = torch.load(on_pool / "ckpt.pt", weights_only=True)
+    assert [o["data"] for o in ckpt["origin"]] == [f"{smoke_data}/facts.txt", f"{smoke_data}/pool.jsonl"]
+    with pytest.raises(ValueError, match="never seen the selection pool"):
+        select_data.main(["--smoke", f"--init={on_pool / 'ckpt.pt'}", "--selectors=random",
+                          *data_args(smoke_data, "pool.jsonl")])
+    # a start trained on the training records passes; its origin names them
+    base = torch.load(smoke_base, weights_only=True)
+    select_data.check_never_trained_on(base, str(smoke_base), f"{smoke_data}/pool.jsonl")
+    assert base["origin"][0]["data"].endswith("facts.txt")
+
+
+def test_select_smoke_run_writes_results(smoke_data, smoke_base, smoke_policy, smoke_prms, tmp_path):
     out = tmp_path / "select"
     args = ["select_data.py", "--smoke", f"--init={smoke_base}", f"--prm={smoke_prms['fused']}",
-            f"--prm_response={smoke_prms['mc']}", f"--out_dir={out}", *data_args(smoke_data)]
+            f"--prm_response={smoke_prms['mc']}", f"--policy={smoke_policy}", f"--out_dir={out}",
+            *data_args(smoke_data, "pool.jsonl")]
     proc = run_script(*args)
-    assert "flaw-type composition" in proc.stdout and "upper bound" in proc.stdout
+    assert "composition of the selected sets" in proc.stdout and "upper bound" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     summary = res["summary"]
-    assert list(summary) == ["random", "outcome", "response_prm", "rf_total", "rf_step", "oracle"]
+    assert list(summary) == ["random", "outcome", "response_prm", "confidence", "rf_total", "rf_step", "oracle"]
     assert res["k"] == 32 and len(res["seeds"]) == 2
     tokens = [t for s in summary.values() for t in s["tokens"]]
     assert min(tokens) >= 2000 and max(tokens) - min(tokens) < 8 * 256, "one budget for every student"
@@ -128,13 +127,15 @@ def test_select_smoke_run_writes_results(smoke_data, smoke_base, smoke_prms, tmp
         assert all(len(set(r["selected"])) == 32 for r in s["runs"]), key
         assert s["upper_bound"] == (key == "oracle")
     assert summary["oracle"]["composition"]["clean"] == 1.0
-    for key in ("rf_total", "rf_step", "response_prm"):  # top-K is deterministic: one set for all seeds
+    comp = summary["random"]["composition"]
+    assert 0 <= comp["answer 0"] <= 1 and comp["|answer|"] >= 0 and 0 <= comp["3 ops"] <= 1
+    for key in ("rf_total", "rf_step", "response_prm", "confidence"):  # top-K is deterministic: one set for all seeds
         first, second = (r["selected"] for r in summary[key]["runs"])
         assert first == second, key
     # a second run reuses the cached pool scores and selects the same top-K
     again = run_script("select_data.py", "--smoke", f"--init={smoke_base}", f"--prm={smoke_prms['fused']}",
                        "--selectors=rf_total", "--seeds=1", f"--out_dir={tmp_path / 'again'}",
-                       f"--cache_dir={out}", *data_args(smoke_data))
+                       f"--cache_dir={out}", *data_args(smoke_data, "pool.jsonl"))
     assert "reusing" in again.stdout
     res2 = json.loads((tmp_path / "again" / "results.json").read_text())
     assert res2["summary"]["rf_total"]["runs"][0]["selected"] == summary["rf_total"]["runs"][0]["selected"]

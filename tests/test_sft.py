@@ -27,7 +27,7 @@ def test_completion_only_loss_mask(smoke_data):
 
 def test_template_conditioned_examples_follow_the_plan(smoke_data):
     tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
-    records = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:40]
+    records = [json.loads(l) for l in open(smoke_data / "train.jsonl")][:40]
     examples = sft.build_examples(records, tok, template_frac=0.5)
     tmpl = examples[40:]
     assert len(tmpl) > 10
@@ -77,7 +77,7 @@ def test_ddp_two_processes_match_one_process(smoke_data, smoke_base, tmp_path):
 
 def test_bad_inputs_are_refused_clearly(smoke_data, smoke_base, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    lines = open(smoke_data / "pool.jsonl").read().splitlines()[:5]
+    lines = open(smoke_data / "train.jsonl").read().splitlines()[:5]
     lines[3] = lines[3][:40]
     bad.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out_bad"
@@ -99,7 +99,7 @@ def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, t
     other = tmp_path / "other"
     run_script("data/arith/prepare.py", "--smoke", "--vocab_size=300", f"--out_dir={other}")
     proc = run_script("sft.py", "--smoke", f"--init={smoke_base}", f"--tokenizer={other}/tokenizer.tiktoken",
-                      f"--data={other}/pool.jsonl", f"--out_dir={tmp_path / 'x'}", check=False)
+                      f"--data={other}/train.jsonl", f"--out_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "vocabulary" in proc.stderr
 
 

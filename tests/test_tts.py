@@ -122,8 +122,9 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
     assert "answers picked from all 8 samples" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     curves = res["curves"]
-    assert set(curves) == {"ReasonFlux-PRM", "response-only PRM", "outcome scorer", "majority vote",
-                           "PRM-weighted vote", "random (pass@1)", "oracle (pass@N)"}
+    assert set(curves) == {"ReasonFlux-PRM", "response-only PRM", "outcome scorer", "confidence",
+                           "mean log-likelihood", "majority vote", "PRM-weighted vote", "random (pass@1)",
+                           "oracle (pass@N)"}
     for name, rows in curves.items():
         assert [r["n"] for r in rows] == [1, 2, 4, 8], name
         for r, oracle in zip(rows, curves["oracle (pass@N)"]):
@@ -131,3 +132,36 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
     assert len({r["acc"] for r in curves["random (pass@1)"]}) == 1
     assert res["n_questions"] == 8 and res["n_samples"] == 8
     assert (out / "tts.png").exists() or (out / "tts_plot.txt").exists()
+
+
+def test_mean_loglik_is_the_mean_log_probability_of_the_completion():
+    from model import GPT, GPTConfig
+
+    class Tok:  # the only field mean_loglik reads: the pad id
+        eot = 15
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompts, comps = [[1, 2, 3], [4, 5]], [[6, 7, 15], [8, 15]]
+    got = tts.mean_loglik(model, Tok(), prompts, comps, batch_size=1)
+    for p, c, g in zip(prompts, comps, got):
+        seq = torch.tensor([p + c])
+        logp = torch.log_softmax(model(seq)[0][0], -1)
+        want = sum(logp[len(p) - 1 + i, t] for i, t in enumerate(c)) / len(c)
+        assert g == pytest.approx(float(want), abs=1e-5)
+
+
+def test_checks_on_hand_made_curves():
+    """The stage's claims read off curves: a drop of more than one standard error, a rival above."""
+    def curve(accs, se=0.01):
+        return [{"n": n, "acc": a, "se": se, "exact": True} for n, a in zip((1, 2, 4, 8), accs)]
+    per_q = {}
+    curves = {"ReasonFlux-PRM": curve([0.3, 0.4, 0.5, 0.6]), "majority vote": curve([0.3, 0.3, 0.45, 0.55]),
+              "PRM-weighted vote": curve([0.3, 0.35, 0.5, 0.6])}
+    for name, rows in curves.items():
+        per_q[name] = {r["n"]: torch.full((4,), r["acc"]) for r in rows}
+    ok = tts.checks(curves, per_q, [1, 2, 4, 8])
+    assert all(ok.values()), ok
+    curves["ReasonFlux-PRM"] = curve([0.3, 0.4, 0.38, 0.6])          # falls by 2 points, se 1 point
+    curves["PRM-weighted vote"] = curve([0.3, 0.29, 0.5, 0.6])       # below the vote at N = 2
+    ok = tts.checks(curves, per_q, [1, 2, 4, 8])
+    assert not ok["prm_never_drops_by_more_than_one_se"] and not ok["weighted_vote_at_or_above_majority"]
