@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from model import GPT, GPTConfig
-from training import make_optimizer, parse_config, pick_device, print_config
+from training import make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable, run_main
 from rfprm import PRM, score_batch_size
 
 
@@ -76,6 +76,9 @@ class BenchConfig:
 SMOKE = dict(matmul_sizes="256,512", threads=1, hf=False, repeats=1, warmup=1, train_steps=1,
              n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, default_batch_size=1,
              gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2, prm_rows=2)
+AT_LEAST = dict(matmul_repeats=1, threads=0, repeats=1, warmup=0, train_steps=1, n_layer=1, n_head=1, n_embd=1,
+                block_size=2, vocab_size=1, batch_size=1, default_batch_size=1, gen_batch=1, prompt_len=1,
+                new_tokens=1, prm_batch=1, prm_rows=0)  # training.check_options
 
 
 def n_matmul_params(cfg, prm=False):
@@ -285,6 +288,11 @@ def print_table(rows):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, {"smoke": SMOKE}, __doc__)
+    check_options(cfg, AT_LEAST)
+    require(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0 and
+            cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
+            "--n_embd must split into --n_head heads of an even size, and --prompt_len + --new_tokens fit --block_size")
+    check_writable(cfg.out_dir)
     print_config(cfg)
     device = pick_device(cfg.device)
     if cfg.threads:
@@ -319,4 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,6 @@ rfprm: the whole ReasonFlux-PRM — its step and trajectory rewards, the PRM and
 Run `python rfprm.py score FILE.jsonl` to see a trained PRM's per-step scores.
 """
 
-import argparse
 import sys
 
 import torch
@@ -13,7 +12,8 @@ import torch.nn.functional as F
 
 import task
 from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt
-from training import load_checkpoint, pick_device, read_jsonl, generate_completions
+from training import (load_checkpoint, pick_device, read_jsonl, generate_completions, argument_parser, require,
+                      run_main, BadInput)
 
 # ----------------------------------------------------------------------------
 # step-level rewards (DESIGN §5): alignment, quality, coherence, and their softmax fusion
@@ -281,8 +281,8 @@ def load_prm(path, device=None):
     cfg = ckpt["config"]
     tok = Tok(load_tokenizer(cfg["tokenizer"]))
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
-        raise ValueError(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
-                         f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
+        raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
+                       f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
     prm = PRM(GPTConfig(**ckpt["model_args"]))
     prm.load_state_dict(ckpt["model"])
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
@@ -315,13 +315,14 @@ def show_scores(record, s, tty):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print each record of a jsonl file with a PRM's per-step scores.")
+    parser = argument_parser(description="Print each record of a jsonl file with a PRM's per-step scores.")
     parser.add_argument("command", choices=["score"])
     parser.add_argument("file", help="pool-format jsonl: question, thinking, response per line")
     parser.add_argument("--prm", default="out/prm/ckpt.pt", help="a checkpoint from train_prm.py")
     parser.add_argument("--n", type=int, default=10, help="how many records to show (0 = all)")
     parser.add_argument("--device", default="")
     args = parser.parse_args(argv)
+    require(args.n >= 0, f"--n must be at least 0 (0 = all), got {args.n}")
     records = read_jsonl(args.file, ("question", "thinking", "response"))
     records = records[:args.n] if args.n else records
     prm = load_prm(args.prm, pick_device(args.device))
@@ -331,4 +332,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

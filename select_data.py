@@ -71,7 +71,8 @@ import training
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer
 from training import (load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
-                      read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+                      read_jsonl, write_json_atomic, save_checkpoint, format_eta, check_options,
+                      check_writable, run_main, BadInput)
 from rfprm import load_prm, prm_total
 
 
@@ -105,6 +106,8 @@ class SelectConfig:
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options); 0 batches would loop forever
+AT_LEAST = dict(k=1, seeds=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
 SELECTORS = {
@@ -126,10 +129,10 @@ HEADLINE = "rf_total"
 def need(n_have, k, what="pool"):
     """A set with fewer candidates than K is an error, never a silently smaller selection."""
     if k < 1:
-        raise ValueError(f"K must be at least 1, got K={k}")
+        raise BadInput(f"K must be at least 1, got K={k}")
     if n_have < k:
-        raise ValueError(f"cannot select K={k} records: the {what} has only {n_have} "
-                         f"(lower --k or use a larger pool)")
+        raise BadInput(f"cannot select K={k} records: the {what} has only {n_have} "
+                       f"(lower --k or use a larger pool)")
 
 
 def top_k(scores, k):
@@ -204,7 +207,7 @@ def select(key, records, scores, k, seed, hidden_meta=None):
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
-    raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+    raise BadInput(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
 
 
 # ----------------------------------------------------------------------------
@@ -420,11 +423,15 @@ def checks(summary):
 
 def main(argv=None):
     cfg = parse_config(SelectConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST)
+    check_writable(cfg.out_dir, cfg.cache_dir)
     print_config(cfg)
     keys = [k.strip() for k in cfg.selectors.split(",") if k.strip()]
+    if not keys:
+        raise BadInput(f"--selectors names no selector; choose from {', '.join(SELECTORS)}")
     for key in keys:
         if key not in SELECTORS:
-            raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+            raise BadInput(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
     t0 = time.time()
     pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
     need(len(pool), cfg.k)  # before any scoring or training
@@ -437,6 +444,7 @@ def main(argv=None):
         if not os.path.exists(p):
             opt = "prm" if name == "rf" else "prm_response"
             raise FileNotFoundError(f"no PRM checkpoint at {p!r}: train it with train_prm.py, or point --{opt} at it")
+        load_checkpoint(p, kind="prm")  # a file that is not a PRM fails now too
     device = pick_device(cfg.device)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     block_size = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)["model_args"]["block_size"]
@@ -490,4 +498,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

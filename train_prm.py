@@ -46,7 +46,8 @@ from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt,
                    split_completion)
 from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
-                      write_json_atomic, init_distributed, format_eta)
+                      write_json_atomic, init_distributed, format_eta, check_options, require,
+                      check_writable, run_main, BadInput)
 from rfprm import (PRM, TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
                    trajectory_reward, encode_for_prm, prm_loss, load_prm)
 
@@ -102,6 +103,11 @@ GPU = dict(n_train=20000, max_steps=3000, batch_size=64)  # the whole pool, trai
 SMOKE = dict(n_train=60, max_steps=6, batch_size=8, log_every=2, ckpt_every=3, n_rollouts=2,
              mc_rollouts=2, eval_records=80, warmup_steps=2)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options), and the values of a choice
+AT_LEAST = dict(n_train=1, n_negatives=1, n_rollouts=1, mc_rollouts=1, max_steps=1, batch_size=1,
+                warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
+CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), encoder=("tfidf", "policy"),
+               coherence=("logprob", "prob"), final=("template", "relative"))
 
 
 # ----------------------------------------------------------------------------
@@ -254,7 +260,7 @@ def fused_steps(parts, names):
     names = [n.strip() for n in names.split(",") if n.strip()]
     unknown = [n for n in names if n not in parts]
     if not names or unknown:
-        raise ValueError(f"--fuse takes a comma-separated subset of align,quality,coherence; got {names}")
+        raise BadInput(f"--fuse takes a comma-separated subset of align,quality,coherence; got {names}")
     counts = [len(x) for x in parts[names[0]]]
     flat = [torch.tensor([v for rec in parts[n] for v in rec]) for n in names]
     fused, _ = fuse_rewards(*flat)
@@ -470,15 +476,18 @@ def chosen_variants(rows):
     wanted = [r.strip() for r in rows.split(",") if r.strip()] or list(keys)
     unknown = [r for r in wanted if r not in keys]
     if unknown:
-        raise ValueError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
+        raise BadInput(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
     return [v for k, v in keys.items() if k in wanted]
 
 
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, CHOICES)
+    require(cfg.tau > 0 and 0 <= cfg.judge_noise <= 1, "--tau must be > 0 and --judge_noise in [0, 1]")
     if cfg.rows and not cfg.eval:
-        raise ValueError("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
+        raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work
+    check_writable(cfg.cache_dir, *(cfg.out_dir.rstrip("/") + suffix for _, suffix, _ in variants))
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
@@ -486,9 +495,11 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
+    eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
+    for path in (cfg.policy, cfg.init or cfg.policy):  # read now, not after minutes of reward design
+        load_checkpoint(path, kind="policy", enc=tok.enc)
     os.makedirs(cfg.out_dir, exist_ok=True)
     times, all_scores, rows = {}, {}, {}
-    eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
     for name, suffix, over in variants:
         vcfg = PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
         os.makedirs(vcfg.out_dir, exist_ok=True)
@@ -527,4 +538,4 @@ def format_table(rows):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,8 +1,13 @@
 """
 training: what every script shares, in one place.
 
-* config: one dataclass per script, turned into --key=value options (`parse_config`);
-* files: JSONL records in, JSON results and checkpoints out, always written atomically;
+* config: one dataclass per script, turned into --key=value options (`parse_config`), checked
+  before any work (`check_options`, `require`, `check_writable`);
+* bad input: a wrong file, record or option raises BadInput; `run_main` turns it (and a file that
+  cannot be read or written) into one line on stderr and exit code 2, so a script's traceback
+  always means a bug;
+* files: JSONL records in (checked where they are read), JSON results and checkpoints out,
+  always written atomically;
 * devices and torch.distributed (DDP through torchrun: gloo on CPU, nccl on CUDA);
 * the training loop: cosine schedule, AdamW, gradient clipping, one log line per
   `log_every` steps, checkpoints, batches of similar lengths drawn from (seed, step);
@@ -13,12 +18,13 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, fields
 
 import torch
 
-from model import GPT, GPTConfig, vocab_fingerprint, left_pad
+from model import GPT, GPTConfig, BadInput, vocab_fingerprint, left_pad
 
 # ----------------------------------------------------------------------------
 # configuration: one dataclass per script, turned into --key=value options
@@ -32,21 +38,38 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+def argument_parser(**kwargs):
+    """An argparse parser that takes no abbreviations and reports a bad option as BadInput.
+
+    Abbreviations off: `--max_step=5` would silently mean --max_steps, and `sft.py --eval=0`
+    --eval_questions. BadInput rather than argparse's exit: one line, not the whole usage.
+    """
+    p = argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+    def refuse(message):
+        raise BadInput(f"{message} (--help lists the options)")
+    p.error = refuse
+    return p
+
+
 def parse_config(cls, argv=None, presets=None, doc=None):
     """Build a `cls` dataclass from --key=value options.
 
-    Unknown keys and wrongly typed values stop with an error that names the key (argparse).
+    Unknown keys, abbreviations and wrongly typed values stop with a BadInput that names the key.
     presets = {"smoke": {...}}: when the boolean field `smoke` is set (or the field `preset`
-    names it), its values replace the defaults; options given explicitly still win.
+    names it), its values replace the defaults; options given explicitly still win. An unknown
+    --preset is an error, not a run with the defaults.
     """
-    p = argparse.ArgumentParser(description=doc, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(description=doc, argument_default=argparse.SUPPRESS,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, help=f"(default {f.default})")
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), help=f"(default {f.default!r})")
     given = vars(p.parse_args(argv))
+    if given.get("preset") and given["preset"] not in (presets or {}):
+        raise BadInput(f"--preset={given['preset']} is not a preset; choose from {', '.join(presets or {})}")
     cfg = cls()
     for name, values in (presets or {}).items():
         if given.get(name) is True or given.get("preset") == name:
@@ -61,6 +84,53 @@ def print_config(cfg):
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
 
 
+def check_options(cfg, at_least, one_of=None):
+    """Refuse impossible option values before any work.
+
+    at_least {option: smallest value}: sizes, steps, intervals (0 batches would loop forever,
+    0 steps would evaluate an untrained model); one_of {option: the values it may take}.
+    """
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise BadInput(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
+    for name, values in (one_of or {}).items():
+        if getattr(cfg, name) not in values:
+            *others, last = map(str, values)
+            raise BadInput(f"--{name} must be {', '.join(others)} or {last}; got {getattr(cfg, name)!r}")
+
+
+def require(holds, message):
+    """An option rule that check_options cannot express (e.g. n_embd divisible by n_head)."""
+    if not holds:
+        raise BadInput(message)
+
+
+def check_writable(*folders):
+    """Refuse an output folder that could not be written, before any work; nothing is created here.
+
+    A folder that does not exist yet is checked where it would be created (its nearest existing
+    parent). Empty names are skipped. (Root may write anywhere: os.access says so too.)
+    """
+    for folder in filter(None, folders):
+        path = os.path.abspath(folder)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise BadInput(f"{folder}: cannot be a folder, {path} is a file")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BadInput(f"{folder}: cannot write in {path}")
+
+
+def run_main(main):
+    """Run a script's main(). Bad input (BadInput, or a file that cannot be read or written) ends
+    as one line on stderr, `error: ...`, and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except (BadInput, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+
+
 def write_json_atomic(path, obj):
     """Write JSON next to the outputs atomically (temp file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -71,24 +141,76 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not an answer
+
+
+def is_lines(x):
+    return isinstance(x, list) and all(isinstance(line, str) for line in x)
+
+
+# what a record's keys must hold when it has them; a string where steps are expected would
+# otherwise be read one character per step, and a null trains as a template example
+RECORD_FIELDS = {
+    "question": (lambda x: isinstance(x, str), "a string"),
+    "answer": (is_int, "an integer"),
+    "n_ops": (is_int, "an integer"),
+    "thinking": (is_lines, "a list of strings"),
+    "response": (is_lines, "a list of strings"),
+    "meta": (lambda x: isinstance(x, dict), "an object"),
+}
+# the hidden truth the evaluations read, when a script requires `meta`
+META_FIELDS = {"flaw": str, "good": bool, "n_ops": int, "step_ok": list, "first_error": int}
+
+
+def record_problem(row, required):
+    """What is wrong with one record, as 'expected ...', or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {json.dumps(row)[:40]}"
+    missing = [k for k in required if k not in row]
+    if missing:
+        return f"expected a record with keys {list(required)}, missing {missing}"
+    for key, (ok, what) in RECORD_FIELDS.items():
+        if key in row and not ok(row[key]):
+            return f"expected {key!r} to be {what}, got {json.dumps(row[key])[:40]}"
+    if "meta" in required:
+        meta = row["meta"]
+        wrong = [k for k, t in META_FIELDS.items() if not isinstance(meta.get(k), t)]
+        if not wrong and "thinking" in row and len(meta["step_ok"]) != len(row["thinking"]):
+            wrong = ["step_ok (one per thinking step)"]
+        if wrong:
+            return f"expected 'meta' with {', '.join(META_FIELDS)}; wrong or missing: {', '.join(wrong)}"
+    return None
+
+
 def read_jsonl(path, required=("question", "answer")):
-    """Read a jsonl file; a malformed line stops with file:line and what was expected."""
+    """Read a jsonl file of records, checked: `required` keys, and the types of the keys a record
+    has (RECORD_FIELDS). Anything wrong stops with a BadInput `path:line: what was expected`;
+    so do an empty file, a folder and bytes that are not UTF-8."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file at {path}: run `python data/arith/prepare.py` first")
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a folder, expected a jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then has a line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{path}:{lineno}: expected UTF-8 text, byte {e.start + 1} of the line is not") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: expected a record with keys {list(required)}, "
-                                 f"missing {missing}")
+            except (ValueError, RecursionError) as e:  # also an integer of more than 4300 digits
+                raise BadInput(f"{path}:{lineno}: expected one JSON object per line "
+                               f"({getattr(e, 'msg', None) or type(e).__name__})") from None
+            problem = record_problem(row, required)
+            if problem:
+                raise BadInput(f"{path}:{lineno}: {problem}")
             rows.append(row)
+    if not rows:
+        raise BadInput(f"{path}: no records, expected one JSON object per line")
     return rows
 
 
@@ -114,26 +236,26 @@ def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
+        raise BadInput(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("model_args"), dict):
+        raise BadInput(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
     if kind is not None and ckpt.get("kind") != kind:
-        raise ValueError(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
+        raise BadInput(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
     if enc is not None and ckpt.get("vocab") != vocab_fingerprint(enc):
-        raise ValueError(f"{path}: made with vocabulary {ckpt.get('vocab')}, but the tokenizer "
-                         f"loaded now is {vocab_fingerprint(enc)}; re-run the stage that made it")
+        raise BadInput(f"{path}: made with vocabulary {ckpt.get('vocab')}, but the tokenizer "
+                       f"loaded now is {vocab_fingerprint(enc)}; re-run the stage that made it")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild a GPT from a checkpoint dict; a state dict of another shape is refused clearly."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
     try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise BadInput(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
     return model.to(device)
 
 
@@ -147,7 +269,12 @@ def make_checkpoint(kind, model, enc, config, **extra):
 
 
 def pick_device(name=""):
+    """The device named, else the best there is (cuda, then mps, then cpu)."""
     if name:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise BadInput(f"--device={name} is not a device name (cpu, cuda, cuda:1, mps)") from None
         return name
     if torch.cuda.is_available():
         return "cuda"

@@ -1,9 +1,283 @@
-"""Hostile input: the parsers of task.py are linear-time and never raise, on 20,000 fuzzed strings."""
+"""Hostile input: every bad file, record or option ends in one line on stderr, exit code 2, nothing written.
 
+The probes are a table: each defect against every script it reaches, on a copy of the smoke
+data with the defect in record 3 (line 3). They run in-process through training.run_main, the
+wrapper every script's __main__ uses, and fail before any model is loaded; one of them also
+runs as a real subprocess. The parsers of task.py are fuzzed separately.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
 import random
 import time
 
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from model import load_tokenizer, vocab_fingerprint
+import grpo
+import rfprm
+import select_data
+import sft
 import task
+import training
+import train_prm
+import tts
+
+spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", "arith", "prepare.py"))
+prepare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(prepare)
+
+# ----------------------------------------------------------------------------
+# the defects: record 3 of a copy of a smoke file, or the whole file
+
+RECORD_DEFECTS = {  # what is wrong -> how record 3 becomes wrong
+    "thinking is a string": lambda r: {**r, "thinking": "first, 5 - 2 = 3"},
+    "thinking is null": lambda r: {**r, "thinking": None},
+    "response is a string": lambda r: {**r, "response": "Answer: 3"},
+    "response holds a number": lambda r: {**r, "response": ["1. 1 + 2 = 3", 3]},
+    "answer is a string": lambda r: {**r, "answer": "abc"},
+    "answer is 3.7": lambda r: {**r, "answer": 3.7},
+    "answer is Infinity": lambda r: {**r, "answer": float("inf")},
+    "answer is true": lambda r: {**r, "answer": True},
+    "question is a number": lambda r: {**r, "question": 7},
+    "answer is missing": lambda r: {k: v for k, v in r.items() if k != "answer"},
+}
+QUESTION_DEFECTS = ("answer is a string", "answer is 3.7", "answer is Infinity", "answer is true",
+                    "question is a number", "answer is missing")
+LINE_DEFECTS = {  # what is wrong -> line 3's bytes
+    "line is not an object": lambda line: b"[1, 2, 3]",
+    "line is cut short": lambda line: line[:30],
+    "invalid UTF-8": lambda line: line[:12] + b"\xff\xfe" + line[12:],
+    "answer has 5000 digits": lambda line: json.dumps({**json.loads(line), "answer": 0}).encode()
+                                           .replace(b'"answer": 0', b'"answer": ' + b"7" * 5000),
+}
+
+
+def write_defects(src, folder):
+    """{defect: path} of copies of the jsonl file `src` with each defect in record 3, plus whole-file defects."""
+    lines = open(src, "rb").read().splitlines()
+    paths = {}
+    for name, breaks in RECORD_DEFECTS.items():
+        rows = list(lines)
+        rows[2] = json.dumps(breaks(json.loads(rows[2]))).encode()
+        paths[name] = folder / f"{name.replace(' ', '_')}.jsonl"
+        paths[name].write_bytes(b"\n".join(rows) + b"\n")
+    for name, breaks in LINE_DEFECTS.items():
+        rows = list(lines)
+        rows[2] = breaks(rows[2])
+        paths[name] = folder / f"{name.replace(' ', '_')}.jsonl"
+        paths[name].write_bytes(b"\n".join(rows) + b"\n")
+    paths["empty file"] = folder / "empty.jsonl"
+    paths["empty file"].write_bytes(b"")
+    paths["a directory"] = folder / "a_folder.jsonl"
+    paths["a directory"].mkdir(exist_ok=True)
+    paths["no such file"] = folder / "missing.jsonl"
+    return paths
+
+
+def expected_place(defect, path):
+    """What the one-line message must name: the file, and line 3 for a defect inside it."""
+    return str(path) if defect in ("empty file", "a directory", "no such file") else f"{path}:3:"
+
+
+def make_probes(D, ckpt, tmp):
+    """The probe table: [(label, script, argv, what the message must contain, output folder)].
+
+    D: a smoke data folder; ckpt: {"base", "policy", "prm"} checkpoint paths; tmp: a scratch folder.
+    Every probe writes (if it wrongly writes anything) under its own output folder.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    probes, n = [], [0]
+    T = f"--tokenizer={D}/tokenizer.tiktoken"
+
+    def out():
+        n[0] += 1
+        return tmp / f"out{n[0]}"
+
+    def add(label, script, argv, expect, o):
+        probes.append((label, script, [str(a) for a in argv], expect, o))
+
+    # bad records and files where the pool is read
+    (tmp / "pool").mkdir(exist_ok=True)
+    pool = write_defects(D / "pool.jsonl", tmp / "pool")
+    for defect, bad in pool.items():
+        where = expected_place(defect, bad)
+        o = out()
+        add(f"pool: {defect}", "sft.py", ["--smoke", f"--data={bad}", T, f"--test={D}/test.jsonl",
+                                          f"--init={ckpt['base']}", f"--out_dir={o}"], where, o)
+        o = out()
+        add(f"pool: {defect}", "train_prm.py", ["--smoke", f"--data={bad}", T, f"--policy={ckpt['policy']}",
+                                                f"--out_dir={o}", f"--cache_dir={o}/rewards"], where, o)
+        o = out()
+        add(f"pool: {defect}", "select_data.py", ["--smoke", f"--data={bad}", T, f"--test={D}/test.jsonl",
+                                                  f"--init={ckpt['policy']}", f"--prm={ckpt['prm']}",
+                                                  "--selectors=random,rf_total", f"--out_dir={o}"], where, o)
+        if defect != "answer is missing":  # scoring needs no answer
+            add(f"pool: {defect}", "rfprm.py", ["score", bad, f"--prm={ckpt['prm']}"], where, None)
+    # bad records and files where questions are read
+    (tmp / "questions").mkdir(exist_ok=True)
+    qs = write_defects(D / "test.jsonl", tmp / "questions")
+    for defect, bad in qs.items():
+        if defect in RECORD_DEFECTS and defect not in QUESTION_DEFECTS:
+            continue
+        where = expected_place(defect, bad)
+        o = out()
+        add(f"questions: {defect}", "tts.py", ["--smoke", f"--test={bad}", T, f"--policy={ckpt['policy']}",
+                                               f"--prm={ckpt['prm']}", "--prm_response=", "--prm_outcome=",
+                                               f"--out_dir={o}"], where, o)
+        o = out()
+        add(f"questions: {defect}", "grpo.py", ["--smoke", f"--questions={bad}", f"--test={D}/test.jsonl", T,
+                                                f"--init={ckpt['policy']}", "--reward=rule", f"--out_dir={o}"], where, o)
+        o = out()
+        add(f"test set: {defect}", "sft.py", ["--smoke", f"--data={D}/pool.jsonl", f"--test={bad}", T,
+                                              f"--init={ckpt['base']}", f"--out_dir={o}"], where, o)
+
+    # bad option values: the message names the option
+    sft_args = lambda o: ["--smoke", f"--data={D}/pool.jsonl", f"--test={D}/test.jsonl", T,
+                          f"--init={ckpt['base']}", f"--out_dir={o}"]
+    for opt, expect in (("--max_steps=-1", "--max_steps"), ("--batch_size=0", "--batch_size"),
+                        ("--log_every=0", "--log_every"), ("--ckpt_every=0", "--ckpt_every"),
+                        ("--eval_questions=-1", "--eval_questions"), ("--preset=nonsense", "--preset"),
+                        ("--max_step=5", "--max_step"), ("--eval=0", "--eval"), ("--stop_at=-3", "--stop_at")):
+        o = out()
+        add(f"option {opt}", "sft.py", sft_args(o) + [opt], expect, o)
+    o = out()
+    add("option --device=gpu0", "sft.py", sft_args(o) + ["--device=gpu0"], "--device", o)
+    o = out()
+    add("option --n_head=3 --n_embd=128", "sft.py",
+        ["--smoke", f"--data={D}/pool.jsonl", T, "--n_head=3", "--n_embd=128", f"--out_dir={o}"], "--n_head", o)
+    prm_args = lambda o: ["--smoke", f"--data={D}/pool.jsonl", T, f"--policy={ckpt['policy']}",
+                          f"--out_dir={o}", f"--cache_dir={o}/rewards"]
+    for opt in ("--max_steps=-1", "--batch_size=0", "--n_rollouts=0", "--n_train=0", "--log_every=0",
+                "--preset=nonsense", "--tau=0"):
+        o = out()
+        add(f"option {opt}", "train_prm.py", prm_args(o) + [opt] + (["--eval"] if "max_steps" in opt else []),
+            opt.split("=")[0], o)
+    sel_args = lambda o: ["--smoke", f"--data={D}/pool.jsonl", f"--test={D}/test.jsonl", T,
+                          f"--init={ckpt['policy']}", f"--prm={ckpt['prm']}", "--selectors=random,rf_total",
+                          f"--out_dir={o}"]
+    for opt in ("--batch_size=0", "--seeds=0", "--k=0", "--budget_tokens=0", "--eval_questions=-1"):
+        o = out()
+        add(f"option {opt}", "select_data.py", sel_args(o) + [opt], opt.split("=")[0], o)
+    grpo_args = lambda o: ["--smoke", f"--questions={D}/rl_questions.jsonl", f"--test={D}/test.jsonl", T,
+                           f"--init={ckpt['policy']}", f"--prm={ckpt['prm']}", f"--out_dir={o}"]
+    for opt in ("--group_size=1", "--mu=0", "--seeds=0", "--questions_per_step=0", "--max_new_tokens=0",
+                "--log_every=0", "--ckpt_every=0", "--chunks=0", "--temperature=0"):
+        o = out()
+        add(f"option {opt}", "grpo.py", grpo_args(o) + [opt], opt.split("=")[0], o)
+    tts_args = lambda o: ["--smoke", f"--test={D}/test.jsonl", T, f"--policy={ckpt['policy']}",
+                          f"--prm={ckpt['prm']}", "--prm_response=", "--prm_outcome=", f"--out_dir={o}"]
+    for opt in ("--n_samples=0", "--batch_size=0", "--n_questions=0", "--max_new_tokens=0", "--n_subsets=0"):
+        o = out()
+        add(f"option {opt}", "tts.py", tts_args(o) + [opt], opt.split("=")[0], o)
+    for opt in ("--n_pool=0", "--n_test=0", "--vocab_size=100"):
+        o = out()
+        add(f"option {opt}", "data/arith/prepare.py", ["--smoke", f"--out_dir={o}", opt], opt.split("=")[0], o)
+    add("option --n=-1", "rfprm.py", ["score", D / "pool.jsonl", f"--prm={ckpt['prm']}", "--n=-1"], "--n", None)
+    add("option --pr (an abbreviation)", "rfprm.py", ["score", D / "pool.jsonl", f"--pr={ckpt['prm']}"], "--pr", None)
+
+    # bad files and folders: the message names the path
+    junk = tmp / "junk.pt"
+    junk.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(2000)))
+    a_file = tmp / "a_file"
+    a_file.write_text("not a folder\n")
+    o = out()
+    add("--init: random bytes", "sft.py", sft_args(o) + [f"--init={junk}"], str(junk), o)
+    o = out()
+    add("--policy: random bytes", "train_prm.py", prm_args(o) + [f"--policy={junk}"], str(junk), o)
+    o = out()
+    add("--init: a PRM checkpoint", "grpo.py", grpo_args(o) + [f"--init={ckpt['prm']}"], str(ckpt["prm"]), o)
+    o = out()
+    add("--prm: random bytes", "tts.py", tts_args(o) + [f"--prm={junk}"], str(junk), o)
+    o = out()
+    add("--prm: random bytes", "select_data.py", sel_args(o) + [f"--prm={junk}"], str(junk), o)
+    add("--prm: random bytes", "rfprm.py", ["score", D / "pool.jsonl", f"--prm={junk}"], str(junk), None)
+    o = out()
+    add("--tokenizer: random bytes", "sft.py", sft_args(o) + [f"--tokenizer={junk}"], str(junk), o)
+    o = out()
+    add("--tokenizer: no such file", "tts.py", tts_args(o) + [f"--tokenizer={tmp}/none.tiktoken"], "none.tiktoken", o)
+    for script, argv in (("sft.py", sft_args), ("train_prm.py", prm_args), ("select_data.py", sel_args),
+                         ("grpo.py", grpo_args), ("tts.py", tts_args)):
+        add("--out_dir: inside a file", script, argv(a_file / "out"), str(a_file), a_file / "out")
+    o = out()
+    add("--cache_dir: inside a file", "train_prm.py", prm_args(o) + [f"--cache_dir={a_file}/rewards"], str(a_file), o)
+    o = out()
+    add("--cache_dir: inside a file", "select_data.py", sel_args(o) + [f"--cache_dir={a_file}/scores"], str(a_file), o)
+    return probes
+
+
+# ----------------------------------------------------------------------------
+# running a probe in-process, as `python script.py ...` would
+
+MAINS = {"sft.py": sft.main, "train_prm.py": train_prm.main, "select_data.py": select_data.main,
+         "rfprm.py": rfprm.main, "tts.py": tts.main, "grpo.py": grpo.main, "data/arith/prepare.py": prepare.main}
+
+
+def run_in_process(script, argv):
+    """(exit code, stderr) of training.run_main(script's main) on argv, as `python script argv` ends."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            training.run_main(lambda: MAINS[script](argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
+
+def files_under(folder):
+    if folder is None or not os.path.exists(folder):
+        return []
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def stand_in_checkpoints(D, folder):
+    """Checkpoints that pass every check of training.load_checkpoint but hold no weights.
+
+    Every probe must fail before a model is built: one that got further would now fail on
+    these with another message, and the test says so (it also keeps this file fast alone).
+    """
+    fingerprint = vocab_fingerprint(load_tokenizer(str(D / "tokenizer.tiktoken")))
+    paths = {}
+    for name, kind in (("base", "policy"), ("policy", "policy"), ("prm", "prm")):
+        paths[name] = folder / f"{name}.pt"
+        torch.save({"kind": kind, "model": {}, "model_args": {"block_size": 256}, "vocab": fingerprint,
+                    "config": {"tokenizer": str(D / "tokenizer.tiktoken")}}, paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def probes(smoke_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    return make_probes(smoke_data, stand_in_checkpoints(smoke_data, tmp), tmp)
+
+
+def test_every_probe_is_refused_in_one_line_and_writes_nothing(probes):
+    t0, failures = time.time(), []
+    for label, script, argv, expect, out in probes:
+        code, err = run_in_process(script, argv)
+        lines = err.strip().splitlines()
+        ok = (code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0]
+              and (out is None or not os.path.exists(out)))
+        if not ok:
+            failures.append(f"{script} [{label}]: exit {code}, stderr {err.strip()[-300:]!r}, "
+                            f"wrote {files_under(out)[:3]}")
+    assert not failures, f"{len(failures)} of {len(probes)} probes:\n" + "\n".join(failures)
+    assert time.time() - t0 < 45, "every probe fails before any model is loaded or trained"
+
+
+def test_a_probe_as_a_real_subprocess_exits_2_without_traceback(smoke_data, tmp_path):
+    bad = write_defects(smoke_data / "pool.jsonl", tmp_path)["answer is 3.7"]
+    proc = run_script("sft.py", "--smoke", f"--data={bad}", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                      f"--out_dir={tmp_path / 'out'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {bad}:3: expected 'answer' to be an integer, got 3.7"
+    assert not os.path.exists(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------
