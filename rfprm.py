@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import task
 from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt
 from training import (load_checkpoint, pick_device, read_jsonl, generate_completions, argument_parser, require,
-                      run_main, BadInput)
+                      run_main, record_names, BadInput)
 
 # ----------------------------------------------------------------------------
 # step-level rewards (DESIGN §5): alignment, quality, coherence, and their softmax fusion
@@ -214,10 +214,11 @@ class PRM(nn.Module):
         device = next(self.parameters()).device
         batch_size = batch_size or score_batch_size(device)
         encoded = [encode_for_prm(self.tok, r, self.mode, self.config.block_size) for r in records]
-        self.truncated = sum(e[4] for e in encoded)
-        if self.truncated:
-            print(f"warning: {self.truncated} of {len(records)} records longer than "
-                  f"block_size={self.config.block_size}, truncated")
+        cut = [k for k, e in enumerate(encoded) if e[4]]
+        self.truncated = len(cut)
+        if cut:
+            print(f"warning: {len(cut)} of {len(records)} records longer than "
+                  f"block_size={self.config.block_size}, truncated: {record_names(records, cut)}")
         order = sorted(range(len(encoded)), key=lambda k: len(encoded[k][0]))  # similar lengths, less padding
         out = [None] * len(encoded)
         for i in range(0, len(order), batch_size):

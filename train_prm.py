@@ -47,7 +47,7 @@ from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt,
 from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
                       write_json_atomic, init_distributed, format_eta, check_options, require,
-                      check_writable, run_main, BadInput)
+                      check_writable, run_main, skip_long_prompts, record_names, BadInput)
 from rfprm import (PRM, TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
                    trajectory_reward, encode_for_prm, prm_loss, load_prm)
 
@@ -303,6 +303,10 @@ def targets_for(cfg, records, tok):
 def pack_prm(records, targets, tok, mode, block_size):
     """ids (N, L), step targets and final targets (N, L) with NaN where nothing is read."""
     enc = [encode_for_prm(tok, r, mode, block_size) for r in records]
+    cut = [k for k, e in enumerate(enc) if e[4]]
+    if cut:
+        print(f"warning: {len(cut)} of {len(records)} records longer than block_size={block_size}, "
+              f"truncated: {record_names(records, cut)}")
     L = max(len(e[0]) for e in enc)
     ids = torch.full((len(enc), L), tok.eot, dtype=torch.long)
     t_step = torch.full((len(enc), L), float("nan"))
@@ -496,8 +500,11 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
     eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
-    for path in (cfg.policy, cfg.init or cfg.policy):  # read now, not after minutes of reward design
-        load_checkpoint(path, kind="policy", enc=tok.enc)
+    # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
+    block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
+                     for p in (cfg.policy, cfg.init or cfg.policy))
+    records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
+    require(records, f"{cfg.data}: no record fits the policy's context")
     os.makedirs(cfg.out_dir, exist_ok=True)
     times, all_scores, rows = {}, {}, {}
     for name, suffix, over in variants:

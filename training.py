@@ -214,6 +214,25 @@ def read_jsonl(path, required=("question", "answer")):
     return rows
 
 
+def record_names(records, indices, most=10):
+    """'3, 17, #5, ...': the ids of some records (their position, #k, when they have none)."""
+    names = [str(records[k].get("id", f"#{k}")) for k in indices[:most]]
+    return ", ".join(names) + (", ..." if len(indices) > most else "")
+
+
+def skip_long_prompts(records, prompt_lengths, block_size, what="records"):
+    """The records whose prompt leaves room in the context; the others are named in one warning.
+
+    A prompt of block_size tokens or more leaves nothing to generate and no room to read a step.
+    """
+    long = [k for k, n in enumerate(prompt_lengths) if n >= block_size]
+    if long:
+        print(f"warning: {len(long)} of {len(records)} {what} have a prompt of block_size={block_size} "
+              f"tokens or more, skipped: {record_names(records, long)}")
+    long = set(long)
+    return [r for k, r in enumerate(records) if k not in long]
+
+
 # ----------------------------------------------------------------------------
 # checkpoints
 
@@ -456,20 +475,36 @@ def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=No
                          batch_size=256, generator=None, top_k=None, progress=""):
     """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches.
 
+    Every row gets max_new_tokens, or what is left of the context after its own prompt when
+    that is less: such a row is generated on its own after its batch, so that one long prompt
+    never shortens the other rows. A prompt that fills the context gets an empty completion
+    (counted in a warning). max_new_tokens=None: up to the end of the context, for the
+    longest prompt of the batch.
     progress: a label; when given, one line per batch with the count done and an ETA.
     """
     model.eval()
     device = next(model.parameters()).device
     block = model.config.block_size
-    outs, t0 = [], time.time()
+    want = max_new_tokens or block
+    outs, t0 = [[] for _ in prompts], time.time()
     for i in range(0, len(prompts), batch_size):
         if progress and i:
             print(f"{progress}: {i:,}/{len(prompts):,} completions | "
                   f"eta {format_eta((time.time() - t0) / i * (len(prompts) - i))}", flush=True)
-        chunk = prompts[i:i + batch_size]
-        idx, mask = left_pad(chunk, tok.eot, device)
-        new = min(max_new_tokens or block, block - idx.size(1))
-        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
-                              prompt_mask=mask, generator=generator)
-        outs.extend(seqs[:, idx.size(1):].tolist())
+        rows = [j for j in range(i, min(i + batch_size, len(prompts))) if len(prompts[j]) < block]
+        batch = [j for j in rows if not max_new_tokens or len(prompts[j]) + want <= block]
+        alone = sorted(set(rows) - set(batch))
+        for group in [batch] + [[j] for j in alone]:
+            if not group:
+                continue
+            idx, mask = left_pad([prompts[j] for j in group], tok.eot, device)
+            new = min(want, block - idx.size(1))
+            seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
+                                  prompt_mask=mask, generator=generator)
+            for j, out in zip(group, seqs[:, idx.size(1):].tolist()):
+                outs[j] = out
+    n_full = sum(len(p) >= block for p in prompts)
+    if n_full:
+        print(f"warning: {n_full} of {len(prompts):,} prompts fill the context (block_size={block}): "
+              f"empty completions")
     return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]

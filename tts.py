@@ -48,7 +48,7 @@ import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
 from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, format_eta, check_options,
-                      require, check_writable, run_main, BadInput)
+                      require, check_writable, run_main, skip_long_prompts, BadInput)
 from rfprm import load_prm
 
 
@@ -386,6 +386,9 @@ def main(argv=None):
     t0 = time.time()
 
     policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
+    questions = skip_long_prompts(questions, [len(encode_prompt(tok, q["question"])) for q in questions],
+                                  policy.config.block_size, "questions")
+    require(questions, f"{cfg.test}: no question fits the policy's context")
     os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
     comps = sample_all(policy, tok, questions, cfg, device)

@@ -378,3 +378,59 @@ def test_template_is_unchanged_on_trajectories_and_linear_on_long_ones():
     t0 = time.process_time()
     many = ["1 + 1 = 2"] * 100_000 + ["wait, 1 + 1 is 3, not 2", "2 + 3 = 5"] * 20_000
     assert len(task.template(many)) == 120_000 and time.process_time() - t0 < 5
+
+
+# ----------------------------------------------------------------------------
+# generation: a long prompt shortens no other row; ordinary batches are generated exactly as before
+
+
+@torch.no_grad()
+def generate_completions_before(model, tok, prompts, temperature=0.0, max_new_tokens=None,
+                                batch_size=256, generator=None, top_k=None):
+    """training.generate_completions as it was before each row had its own budget: the reference."""
+    from model import left_pad
+    model.eval()
+    block = model.config.block_size
+    outs = []
+    for i in range(0, len(prompts), batch_size):
+        idx, mask = left_pad(prompts[i:i + batch_size], tok.eot, "cpu")
+        new = min(max_new_tokens or block, block - idx.size(1))
+        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
+                              prompt_mask=mask, generator=generator)
+        outs.extend(seqs[:, idx.size(1):].tolist())
+    return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
+
+
+def tiny_policy(block_size=48):
+    from model import GPT, GPTConfig
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
+    return model, SimpleNamespace(eot=63)
+
+
+def test_ordinary_batches_generate_exactly_as_before():
+    model, tok = tiny_policy()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(62) for _ in range(rng.randint(1, 12))] for _ in range(11)]
+    for kwargs in (dict(), dict(max_new_tokens=20), dict(temperature=1.0, max_new_tokens=30),
+                   dict(temperature=1.0), dict(temperature=0.8, top_k=5, max_new_tokens=25)):
+        outs = []
+        for generate in (training.generate_completions, generate_completions_before):
+            g = torch.Generator().manual_seed(7) if kwargs.get("temperature") else None
+            outs.append(generate(model, tok, prompts, batch_size=4, generator=g, **kwargs))
+        assert outs[0] == outs[1], kwargs
+        assert {len(o) for o in outs[0]} != {0}
+
+
+def test_each_row_has_its_own_budget_and_a_full_prompt_gets_nothing(capsys):
+    model, tok = tiny_policy(block_size=32)
+    calls = []
+    generate = model.generate
+    model.generate = lambda idx, new, **kw: calls.append((idx.size(0), idx.size(1), new)) or generate(idx, new, **kw)
+    prompts = [[1] * 5, [2] * 28, [3] * 6, [4] * 40, [5] * 4]
+    outs = training.generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=8)
+    # the three short prompts together with all 10 tokens, the 28-token prompt alone with the 4 left
+    assert calls == [(3, 6, 10), (1, 28, 4)]
+    assert outs[3] == [] and all(len(o) <= 10 for o in outs) and len(outs[1]) <= 4
+    assert "1 of 5 prompts fill the context (block_size=32)" in capsys.readouterr().out

@@ -131,3 +131,16 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
     assert len({r["acc"] for r in curves["random (pass@1)"]}) == 1
     assert res["n_questions"] == 8 and res["n_samples"] == 8
     assert (out / "tts.png").exists() or (out / "tts_plot.txt").exists()
+
+
+def test_a_question_longer_than_the_context_is_skipped_by_name(smoke_data, smoke_policy, smoke_prms, tmp_path, capsys):
+    questions = [json.loads(l) for l in open(smoke_data / "test.jsonl")][:3]
+    questions[1]["question"] = " + ".join(["1"] * 400)   # ~1,600 tokens: a context of 256 has no room
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tts.main(["--smoke", "--n_questions=3", "--n_samples=2", "--ns=1,2", f"--policy={smoke_policy}",
+              f"--prm={smoke_prms['fused']}", "--prm_response=", "--prm_outcome=", f"--out_dir={tmp_path / 'tts'}",
+              f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--test={test}"])
+    out = capsys.readouterr().out
+    assert f"1 of 3 questions have a prompt of block_size=256 tokens or more, skipped: {questions[1]['id']}\n" in out
+    assert json.loads((tmp_path / "tts" / "results.json").read_text())["n_questions"] == 2
