@@ -72,7 +72,7 @@ import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer
 from training import (load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
                       read_jsonl, write_json_atomic, save_checkpoint, format_eta, check_options,
-                      check_writable, run_main, BadInput)
+                      check_writable, run_main, load_cache, BadInput)
 from rfprm import load_prm, prm_total
 
 
@@ -244,9 +244,9 @@ def cached_scores(path, records, cfg, device, name):
     """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
     key = f"{file_digest(cfg.data)}-{file_digest(path)}"
     cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"scores-{key}.pt")
-    if os.path.exists(cache):
-        print(f"scoring with {name}: reusing {cache}")
-        return [tuple(x) for x in torch.load(cache, weights_only=True).tolist()]
+    reused = load_cache(cache, f"scoring with {name}")
+    if reused is not None:
+        return [tuple(x) for x in reused.tolist()]
     out = score_pool(path, records, cfg.score_batch_size, device, name)
     save_checkpoint(cache, torch.tensor(out, dtype=torch.float64))
     return out

@@ -47,7 +47,7 @@ from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt,
 from training import (generate_completions, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
                       write_json_atomic, init_distributed, format_eta, check_options, require,
-                      check_writable, run_main, skip_long_prompts, record_names, BadInput)
+                      check_writable, run_main, load_cache, skip_long_prompts, record_names, BadInput)
 from rfprm import (PRM, TfidfEncoder, policy_encoder, alignment_reward, coherence_reward, fuse_rewards,
                    trajectory_reward, encode_for_prm, prm_loss, load_prm)
 
@@ -246,12 +246,11 @@ def design_rewards(records, tok, policy, cfg):
 
 
 def cached(path, make):
-    """Load a torch file if it exists, else make it and write it atomically."""
-    if os.path.exists(path):
-        print(f"reward design: reusing {path}")
-        return torch.load(path, weights_only=True)
-    obj = make()
-    save_checkpoint(path, obj)
+    """Load a torch file if it exists and is readable, else make it and write it atomically."""
+    obj = load_cache(path, "reward design")
+    if obj is None:
+        obj = make()
+        save_checkpoint(path, obj)
     return obj
 
 

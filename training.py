@@ -15,6 +15,8 @@ training: what every script shares, in one place.
 """
 
 import argparse
+import contextlib
+import glob
 import json
 import math
 import os
@@ -139,6 +141,29 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path):
+    """Delete `path`.tmp<pid> files whose process is gone: what a save killed mid-write leaves."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = tmp[len(path) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(tmp)
+
+
+def process_alive(pid):
+    """Is process `pid` running? True when that cannot be told, so that nothing is removed."""
+    if os.name != "posix" or pid <= 0:  # os.kill(pid, 0) asks "are you there?" on POSIX only
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        pass
+    return True
 
 
 def is_int(x):
@@ -243,6 +268,24 @@ def save_checkpoint(path, ckpt):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+    remove_stale_temporaries(path)
+
+
+def load_cache(path, label):
+    """What an earlier run saved at `path` (a torch file), or None when there is nothing to reuse.
+
+    A file that cannot be read (cut short, overwritten) is named in a warning and the caller
+    computes it again: a cache must never be the reason a run fails.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception as e:
+        print(f"warning: {path} is not a readable cache ({type(e).__name__}); computing it again")
+        return None
+    print(f"{label}: reusing {path}")
+    return obj
 
 
 def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
@@ -399,9 +442,12 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
     lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
     loss or gradient stops the run, naming the step, before anything else is logged or saved:
-    the last checkpoint on disk stays the last good one.
+    the last checkpoint on disk stays the last good one. A resumed run (start_step > 0) first
+    drops the metrics rows of the steps it will log again.
     Returns {"tokens": targets seen, "loss": last logged loss}.
     """
+    if metrics_path and rank == 0 and start_step > 0:
+        keep_metrics_before(metrics_path, start_step)
     optimizer = optimizer or make_optimizer(model, cfg, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
@@ -446,6 +492,29 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
         if save_now:
             ckpt_fn(step + 1, optimizer)
     return {"tokens": tokens_seen, "loss": loss_val}
+
+
+def keep_metrics_before(path, step):
+    """Keep only the rows of steps before `step` in a metrics file (and drop a line cut by a kill).
+
+    A run killed after its last checkpoint had logged a few more steps; resumed from that
+    checkpoint, it logs them again.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] < step:
+                kept.append(line.rstrip("\n") + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def pack(examples, block_size, pad_id):

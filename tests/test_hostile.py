@@ -434,3 +434,51 @@ def test_each_row_has_its_own_budget_and_a_full_prompt_gets_nothing(capsys):
     assert calls == [(3, 6, 10), (1, 28, 4)]
     assert outs[3] == [] and all(len(o) <= 10 for o in outs) and len(outs[1]) <= 4
     assert "1 of 5 prompts fill the context (block_size=32)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------
+# files left by killed runs: temporaries, caches, metrics
+
+
+def test_a_save_removes_the_temporaries_of_killed_saves(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path = tmp_path / "ckpt.pt"
+    stale = tmp_path / f"ckpt.pt.tmp{int(dead.stdout)}"      # its process has exited
+    live = tmp_path / f"ckpt.pt.tmp{os.getppid()}"            # a save in progress elsewhere
+    other = tmp_path / f"other.pt.tmp{int(dead.stdout)}"       # another file's
+    for f in (stale, live, other):
+        f.write_bytes(b"half a checkpoint")
+    training.save_checkpoint(str(path), {"step": 1})
+    assert not stale.exists() and live.exists() and other.exists()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_an_unreadable_cache_is_named_then_made_again(tmp_path, capsys):
+    path = tmp_path / "design-0123.pt"
+    training.save_checkpoint(str(path), {"final": [0.5]})
+    path.write_bytes(path.read_bytes()[:40])                   # cut short
+    made = train_prm.cached(str(path), lambda: {"final": [0.25]})
+    assert made == {"final": [0.25]} and f"warning: {path} is not a readable cache" in capsys.readouterr().out
+    assert train_prm.cached(str(path), lambda: 1 / 0) == {"final": [0.25]}   # rewritten, now reused
+    assert "reward design: reusing" in capsys.readouterr().out
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    cfg = sft.SFTConfig(max_steps=12, ckpt_every=4, log_every=2, warmup_steps=1, batch_size=2)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(10, 3)
+    batch_loss = lambda m, idx: (m(x[idx]).pow(2).mean(), len(idx))
+    metrics = tmp_path / "metrics.jsonl"
+    saved = {}
+    ckpt_fn = lambda step, opt: saved.update(step=step)
+    training.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
+                   ckpt_fn=ckpt_fn, metrics_path=str(metrics), stop_at=7)  # killed after step 6 was logged
+    with open(metrics, "a") as f:
+        f.write('{"step": 8, "lo')                             # and in the middle of a line
+    assert saved["step"] == 7
+    training.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
+                   ckpt_fn=ckpt_fn, metrics_path=str(metrics), start_step=4)  # resumed from the step-4 checkpoint
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [0, 2, 4, 6, 8, 10, 11]
