@@ -203,14 +203,14 @@ def test_score_cli_prints_every_step(smoke_prms, smoke_data):
 
 def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, tmp_path, capsys):
     """A question longer than the context is skipped, a 200 kB step of digits truncated; both named by id."""
-    rows = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:60]
+    rows = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:20]
     rows[2]["question"] = " + ".join(["1"] * 400)     # ~1,600 tokens: a context of 256 has no room
     rows[4]["thinking"][1] = "7" * 200_000             # once minutes in a quadratic-time regex
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train_prm.main(["--smoke", f"--policy={smoke_policy}", f"--data={pool}", f"--out_dir={tmp_path / 'prm'}",
+    train_prm.main(["--smoke", "--n_train=20", f"--policy={smoke_policy}", f"--data={pool}", f"--out_dir={tmp_path / 'prm'}",
                     f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"])
     out = capsys.readouterr().out
-    assert f"1 of 60 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
+    assert f"1 of 20 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
     assert f"records longer than block_size=256, truncated: {rows[4]['id']}" in out
     assert (tmp_path / "prm" / "ckpt.pt").exists()
