@@ -37,7 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from model import GPT, GPTConfig
-from training import make_optimizer, parse_config, pick_device, print_config
+from training import make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable, run_main
 from rfprm import PRM, score_batch_size
 
 
@@ -76,6 +76,12 @@ class BenchConfig:
 SMOKE = dict(matmul_sizes="256,512", threads=1, hf=False, repeats=1, warmup=1, train_steps=1,
              n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=2, default_batch_size=1,
              gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2, prm_rows=2)
+AT_LEAST = dict(matmul_repeats=1, threads=0, repeats=1, warmup=0, train_steps=1, n_layer=1, n_head=1, n_embd=1,
+                block_size=2, vocab_size=1, batch_size=1, default_batch_size=1, gen_batch=1, prompt_len=1,
+                new_tokens=1, prm_batch=1, prm_rows=0)  # training.check_options
+
+
+RESULT_SHARE = 0.25   # prm_tok_s: 2 of every 8 tokens are a step's result, read by the surprise term
 
 
 def n_matmul_params(cfg, prm=False):
@@ -83,11 +89,12 @@ def n_matmul_params(cfg, prm=False):
 
     Per block 12*C^2 (qkv 3C^2, attention projection C^2, MLP 8C^2) and two layer norms (2C),
     the final layer norm C, and the tied lm_head V*C counted once (the embedding lookup is
-    no matmul). The PRM reads hidden states with a (C -> 1) head instead of the lm_head.
+    no matmul). The PRM reads hidden states with a (C -> 1) head and its surprise weight, and
+    reads the lm_head only at the result tokens (RESULT_SHARE of them, as prm_tok_s lays them out).
     """
     L, C, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
     body = L * (12 * C * C + 2 * C) + C
-    return body + (C + 1 if prm else V * C)
+    return body + (C + 2 + RESULT_SHARE * V * C if prm else V * C)
 
 
 def flops_per_token(cfg, T, train=True, prm=False):
@@ -209,8 +216,8 @@ def prm_tok_s(gcfg, cfg, device, rows):
                       generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     pos = torch.arange(gcfg.block_size, device=device)
     step_end = (pos // 8) * 8 + 7                                            # the last token of each 8
-    result_of = torch.where(pos % 8 >= 5, step_end, -1).clamp(max=gcfg.block_size - 1)
-    result_of = torch.where(pos % 8 == 7, -1, result_of).expand_as(x)       # tokens 5, 6 of each step
+    is_result = (pos % 8 == 5) | (pos % 8 == 6)                             # RESULT_SHARE of the tokens
+    result_of = torch.where(is_result, step_end.clamp(max=gcfg.block_size - 1), -1).expand_as(x)
     score_all = lambda: [fwd(x[i:i + rows], result_of[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
     with torch.no_grad(), autocast(device):
         for _ in range(cfg.warmup):
@@ -290,6 +297,11 @@ def print_table(rows):
 
 def main(argv=None):
     cfg = parse_config(BenchConfig, argv, {"smoke": SMOKE}, __doc__)
+    check_options(cfg, AT_LEAST)
+    require(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0 and
+            cfg.prompt_len + cfg.new_tokens <= cfg.block_size,
+            "--n_embd must split into --n_head heads of an even size, and --prompt_len + --new_tokens fit --block_size")
+    check_writable(cfg.out_dir)
     print_config(cfg)
     device = pick_device(cfg.device)
     if cfg.threads:
@@ -324,4 +336,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -57,7 +57,7 @@ import training
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
 from training import (generate_and_verify, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
-                      write_json_atomic, format_eta)
+                      write_json_atomic, format_eta, check_options, require, check_writable, run_main, BadInput)
 from rfprm import load_prm, prm_total, total_range
 
 
@@ -114,6 +114,11 @@ GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=5
 SMOKE = dict(max_steps=4, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
              eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options): a group of 1 has no advantage to learn
+# from, μ = 0 never steps; and the values of a choice
+AT_LEAST = dict(max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
+                seeds=1, eval_every=0, eval_questions=0, final_questions=0, log_every=1, sample_every=0, ckpt_every=1)
+CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
 
 
 # ----------------------------------------------------------------------------
@@ -511,11 +516,13 @@ def variant_name(cfg):
 def parse_variant(spec, cfg):
     """'rule' | 'prm' | 'mix' | 'mix@0.5' | 'process' | 'process@0.5' -> a config with those settings."""
     name, _, beta = spec.strip().partition("@")
-    if name not in ("rule", "prm", "mix", "process"):
-        raise ValueError(f"unknown variant {spec!r}: expected rule, prm, mix[@β] or process[@β]")
-    over = {"reward": "mix" if name == "process" else name, "process": name == "process"}
-    if beta:
-        over["beta"] = float(beta)
+    try:
+        beta = float(beta) if beta else cfg.beta
+    except ValueError:
+        beta = None
+    if name not in ("rule", "prm", "mix", "process") or beta is None:
+        raise BadInput(f"unknown variant {spec!r}: expected rule, prm, mix[@β] or process[@β]")
+    over = {"reward": "mix" if name == "process" else name, "process": name == "process", "beta": beta}
     return replace(cfg, **over)
 
 
@@ -597,14 +604,19 @@ def save_figure(histories, path):
 
 def main(argv=None):
     cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, CHOICES)
+    require(cfg.temperature > 0, f"--temperature must be > 0 (GRPO samples), got {cfg.temperature}")
+    check_writable(cfg.out_dir)
     print_config(cfg)
-    assert cfg.temperature > 0, "GRPO samples: --temperature must be > 0"
     device = pick_device(cfg.device)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     questions = read_jsonl(cfg.questions, ("question", "answer"))
     test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
     specs = [s for s in cfg.variants.split(",") if s.strip()]
     runs = [parse_variant(s, cfg) for s in specs] if specs else [cfg]
+    require(not any(r.process and r.reward == "rule" for r in runs),
+            "--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
+    load_checkpoint(cfg.init, kind="policy", enc=tok.enc)  # a bad starting policy fails before out_dir is made
     prm = None
     if any(r.reward in ("prm", "mix") for r in runs):
         if not os.path.exists(cfg.prm):
@@ -641,4 +653,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

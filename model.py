@@ -338,16 +338,25 @@ SPLIT_PATTERN = r""" ?[A-Za-z]+| ?\d| ?[^\sA-Za-z\d]+|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = ("<|endoftext|>", "<|think|>", "<|/think|>")
 
 
+class BadInput(ValueError):
+    """A file, record or option the user gave is wrong: scripts end with this one line and exit code 2.
+
+    Defined here, the module every other one imports, so that the tokenizer can raise it too;
+    training.run_main is what turns it into the one line.
+    """
+
+
 def read_ranks(path):
     """Read a tiktoken rank file: one 'base64(token) rank' per line."""
     ranks = {}
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
-                parts = line.split()
-                if len(parts) != 2:
-                    raise ValueError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}")
-                ranks[base64.b64decode(parts[0])] = int(parts[1])
+                try:
+                    token, rank = line.split()  # ValueError unless exactly two fields
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:  # binascii.Error is one too
+                    raise BadInput(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}") from None
     return ranks
 
 

@@ -18,6 +18,7 @@ import select_data
 import sft
 import train_prm
 import tts
+from training import run_main
 
 
 def stage_times(root):
@@ -102,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,6 @@ train_prm.py away and a row of its ProcessBench table:
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """
 
-import argparse
 import re
 import sys
 import time
@@ -42,7 +41,8 @@ import torch.nn.functional as F
 
 import task
 from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt
-from training import load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, generate_and_verify
+from training import (load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, generate_and_verify,
+                      argument_parser, require, run_main, record_names, BadInput)
 
 # ----------------------------------------------------------------------------
 # Φ and the step-level rewards: alignment, quality (task.judge), coherence, fusion
@@ -150,18 +150,20 @@ def fuse_rewards(*rewards):
 
 
 def gated_fusion(fused, quality, floor=0.75):
-    """r_step(t) = 1[r_qual(t) ≥ ½] · (1 + clamp(r_fused(t), 0, 1)) / 2   (ours; the default fusion).
+    """r_step(t) = 1[r_qual(t) ≥ ½] · (f + (1 − f) · clamp(r_fused(t), 0, 1)), f = floor = ¾
+    (ours; the default fusion).
 
     The paper's softmax fusion ranks a slipped step that the response repeats (high alignment)
     above a correct filler line that it does not, so a PRM that learns it cannot find the first
     error. Here the expert's verdict decides the band: a step it judges wrong (r_qual < ½) gets
-    0, a step it judges right or harmless gets a label in [½, 1], and within that band the
+    0, a step it judges right or harmless gets a label in [¾, 1], and within that band the
     paper's fusion ranks it (a correct computation the response repeats above a filler). So no
     step judged wrong ever ranks above a step judged right, whatever its alignment and coherence.
-    fused, quality (S,) -> (S,).
+    The floor sets how much of the scale the paper's fusion keeps: with ½, fillers sat so low
+    that the PRM ranked them below uncertain wrong steps. fused, quality (S,) -> (S,).
 
     >>> gated_fusion(torch.tensor([0.9, 0.1, -0.3]), torch.tensor([0.0, 0.5, 1.0])).tolist()
-    [0.0, 0.550000011920929, 0.5]
+    [0.0, 0.7749999761581421, 0.75]
     """
     return torch.where(quality >= 0.5, floor + (1 - floor) * fused.clamp(0, 1), torch.zeros_like(fused))
 
@@ -486,10 +488,11 @@ class PRM(nn.Module):
         device = next(self.parameters()).device
         batch_size = batch_size or score_batch_size(device)
         encoded = [encode_for_prm(self.tok, r, self.mode, self.config.block_size) for r in records]
-        self.truncated = sum(e["truncated"] for e in encoded)
-        if self.truncated:
-            print(f"warning: {self.truncated} of {len(records)} records longer than "
-                  f"block_size={self.config.block_size}, truncated")
+        cut = [k for k, e in enumerate(encoded) if e["truncated"]]
+        self.truncated = len(cut)
+        if cut:
+            print(f"warning: {len(cut)} of {len(records)} records longer than "
+                  f"block_size={self.config.block_size}, truncated: {record_names(records, cut)}")
         order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]["ids"]))  # similar lengths, less padding
         out = [None] * len(encoded)
         for i in range(0, len(order), batch_size):
@@ -554,8 +557,8 @@ def load_prm(path, device=None):
     cfg = ckpt["config"]
     tok = Tok(load_tokenizer(cfg["tokenizer"]))
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
-        raise ValueError(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
-                         f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
+        raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
+                       f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
     prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"))
     prm.load_state_dict(ckpt["model"])
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
@@ -632,14 +635,14 @@ def show_scores(record, s, tty, with_response=True):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print each record of a jsonl file with a PRM's per-step scores.",
-                                     allow_abbrev=False)
+    parser = argument_parser(description="Print each record of a jsonl file with a PRM's per-step scores.")
     parser.add_argument("command", choices=["score"])
     parser.add_argument("file", help="pool-format jsonl: question, thinking, response per line")
     parser.add_argument("--prm", default="out/prm/ckpt.pt", help="a checkpoint from train_prm.py")
     parser.add_argument("--n", type=int, default=10, help="how many records to show (0 = all)")
     parser.add_argument("--device", default="")
     args = parser.parse_args(argv)
+    require(args.n >= 0, f"--n must be at least 0 (0 = all), got {args.n}")
     records = read_jsonl(args.file, ("question", "thinking", "response"))
     records = records[:args.n] if args.n else records
     prm = load_prm(args.prm, pick_device(args.device))
@@ -649,4 +652,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -70,7 +70,8 @@ import training
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer
 from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
-                      read_jsonl, write_json_atomic, save_checkpoint, format_eta)
+                      read_jsonl, write_json_atomic, save_checkpoint, format_eta, check_options,
+                      check_writable, run_main, load_cache, BadInput)
 from rfprm import load_prm, prm_total, untrained_scorer
 
 
@@ -105,6 +106,8 @@ class SelectConfig:
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options); 0 batches would loop forever
+AT_LEAST = dict(k=1, seeds=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
 SELECTORS = {
@@ -126,10 +129,10 @@ HEADLINE = "rf_total"
 def need(n_have, k, what="pool"):
     """A set with fewer candidates than K is an error, never a silently smaller selection."""
     if k < 1:
-        raise ValueError(f"K must be at least 1, got K={k}")
+        raise BadInput(f"K must be at least 1, got K={k}")
     if n_have < k:
-        raise ValueError(f"cannot select K={k} records: the {what} has only {n_have} "
-                         f"(lower --k or use a larger pool)")
+        raise BadInput(f"cannot select K={k} records: the {what} has only {n_have} "
+                       f"(lower --k or use a larger pool)")
 
 
 def top_k(scores, k):
@@ -183,7 +186,7 @@ def select(key, records, scores, k, seed, hidden_meta=None):
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
-    raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+    raise BadInput(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
 
 
 # ----------------------------------------------------------------------------
@@ -211,9 +214,9 @@ def cached_scores(path, make_scorer, records, cfg, name):
     """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
     key = f"{file_digest(cfg.data)}-{file_digest(path)}-{name.split()[0].lower()}"
     cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"scores-{key}.pt")
-    if os.path.exists(cache):
-        print(f"scoring with {name}: reusing {cache}")
-        return [tuple(x) for x in torch.load(cache, weights_only=True).tolist()]
+    reused = load_cache(cache, f"scoring with {name}")
+    if reused is not None:
+        return [tuple(x) for x in reused.tolist()]
     out = score_pool(make_scorer(), records, cfg.score_batch_size, name)
     save_checkpoint(cache, torch.tensor(out, dtype=torch.float64))
     return out
@@ -396,21 +399,28 @@ def checks(summary):
 
 def main(argv=None):
     cfg = parse_config(SelectConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST)
+    check_writable(cfg.out_dir, cfg.cache_dir)
     print_config(cfg)
     keys = [k.strip() for k in cfg.selectors.split(",") if k.strip()]
+    if not keys:
+        raise BadInput(f"--selectors names no selector; choose from {', '.join(SELECTORS)}")
     for key in keys:
         if key not in SELECTORS:
-            raise ValueError(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
+            raise BadInput(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
     t0 = time.time()
     pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
     need(len(pool), cfg.k)  # before any scoring or training
     hidden_meta = [r["meta"] for r in pool]
     records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    needed = {"prm": {"rf_total", "rf_step"}, "prm_response": {"response_prm"}, "policy": {"confidence"}}
-    for opt, users in needed.items():  # fail now, not after minutes of work
+    needed = {"prm": ({"rf_total", "rf_step"}, "prm"), "prm_response": ({"response_prm"}, "prm"),
+              "policy": ({"confidence"}, "policy")}
+    for opt, (users, kind) in needed.items():  # fail now, not after minutes of work
         path = getattr(cfg, opt)
-        if users & set(keys) and not os.path.exists(path):
-            raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
+        if users & set(keys):
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
+            load_checkpoint(path, kind=kind)  # a file of another kind fails now too
     device = pick_device(cfg.device)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
@@ -470,4 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,7 +35,8 @@ from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vo
 from training import (file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint,
                       make_checkpoint, pick_device, parse_config, print_config, read_jsonl,
                       write_json_atomic, init_distributed, make_optimizer, train, pack, lm_batch_loss,
-                      target_lengths, accuracy, format_accuracy)
+                      target_lengths, accuracy, format_accuracy, check_options, require, check_writable,
+                      run_main, BadInput)
 
 
 @dataclass
@@ -86,6 +87,10 @@ PRETRAIN = dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps
 SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_questions=16,
              log_every=5, ckpt_every=10, warmup_steps=5)
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options), and the values of a choice
+AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
+                eval_questions=0, log_every=1, ckpt_every=1, stop_at=0)
+CHOICES = dict(subset=("all", "clean"))
 
 
 # ----------------------------------------------------------------------------
@@ -111,8 +116,11 @@ def build_examples(records, tok, template_frac=0.0, seed=0):
 
 def fact_examples(path, tok, block_size):
     """Facts packed into rows of about block_size tokens, every token a target."""
-    with open(path) as f:
-        lines = [l.strip() for l in f if l.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
     ids = tok.enc.encode_ordinary("\n".join(lines) + "\n")
     step = block_size  # rows of block_size + 1 tokens, overlapping by one
     return [([], ids[i:i + step + 1]) for i in range(0, len(ids) - step, step)]
@@ -123,7 +131,7 @@ def select_subset(records, subset):
         return records
     if subset == "clean":
         return [r for r in records if r.get("meta", {}).get("flaw") == "clean"]
-    raise ValueError(f"--subset must be 'all' or 'clean', got {subset!r}")
+    raise BadInput(f"--subset must be 'all' or 'clean', got {subset!r}")
 
 
 # ----------------------------------------------------------------------------
@@ -171,13 +179,16 @@ def main(argv=None):
     if cfg.compare:
         print(format_comparison(cfg.compare.split(",")))
         return
+    check_options(cfg, AT_LEAST, CHOICES)
+    require(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0,
+            f"--n_embd={cfg.n_embd} must split into --n_head={cfg.n_head} heads of an even size (rotary pairs)")
+    check_writable(cfg.out_dir)
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
         print_config(cfg)
     torch.manual_seed(cfg.seed)
     tok = Tok(load_tokenizer(cfg.tokenizer))
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
@@ -191,7 +202,12 @@ def main(argv=None):
     else:
         records = select_subset(read_jsonl(cfg.data, ("question", "answer", "thinking", "response")), cfg.subset)
         examples = build_examples(records, tok, cfg.template_frac, cfg.seed)
+    source = cfg.facts if cfg.pretrain else f"{cfg.data} (--subset={cfg.subset})"
+    require(examples, f"{source}: nothing to train on")
+    evaluating = rank == 0 and cfg.eval_questions and not cfg.pretrain
+    questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions] if evaluating else []
     model = new_model(cfg, tok, device)
+    os.makedirs(cfg.out_dir, exist_ok=True)  # once every input has been read and checked
     X, Y = pack(examples, model.config.block_size, tok.eot)
     if rank == 0:
         print(f"{len(examples):,} examples, {int((Y != -1).sum()):,} target tokens, "
@@ -224,8 +240,7 @@ def main(argv=None):
     train_s = time.time() - t0
     if rank == 0:
         print(f"trained {min(cfg.stop_at or cfg.max_steps, cfg.max_steps) - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
-    if rank == 0 and cfg.eval_questions and not cfg.pretrain:
-        questions = read_jsonl(cfg.test)[:cfg.eval_questions]
+    if evaluating:
         greedy = accuracy(model, tok, questions)
         sampled = accuracy(model, tok, questions, cfg.sample_temperature,
                            torch.Generator(device=device).manual_seed(cfg.seed))
@@ -242,4 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

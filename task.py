@@ -32,12 +32,15 @@ Every record also keeps hidden ground truth in ``meta`` (flaw type, whether each
 thinking and response step is correct, whether the trajectory is good). It is for
 evaluation only and never a training target.
 
-The parsers (``judge``, ``template``, ``verify``, ``parse_answer``) never raise on
-arbitrary text: an expert that crashes on a malformed step is no expert.
+The parsers (``judge``, ``template``, ``follow_template``, ``verify``, ``parse_answer``)
+never raise on arbitrary text and take time linear in it: an expert that crashes, or hangs,
+on a malformed step is no expert. They read ASCII digits only, at most MAX_DIGITS in a row.
 """
 
+import bisect
 import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 
 # ----------------------------------------------------------------------------
@@ -94,7 +97,7 @@ def to_text(node, parent_prec=0, right_child=False):
     return s
 
 
-TOKEN_RE = re.compile(r"\s*(\d+|[-+*()])")
+TOKEN_RE = re.compile(r"\s*([0-9]+|[-+*()])")
 
 
 def parse(text, flat=False):
@@ -303,10 +306,17 @@ def make_record(rng, cfg, idx, flaw=None):
 # ----------------------------------------------------------------------------
 # the expert (stand-ins for the expert LLM's three roles)
 
-STEP_RE = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
-FIX_RE = re.compile(r"wait,\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s+is\s+(-?\d+),\s*not\s+(-?\d+)")
-ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
-CONCLUDE_RE = re.compile(r"answer is\s*(-?\d+)")
+# A number is a whole run of at most MAX_DIGITS ASCII digits. Bounded, because `\d+` in a
+# search tries every start inside a run of digits (quadratic time on a long run) and int()
+# refuses more than 4,300 digits; ASCII, because `\d` also matches digits like '٣'. A longer
+# run is not a number: no value of this world comes near, it can only be garbage.
+MAX_DIGITS = 100
+NUM = rf"(-?(?<![0-9])[0-9]{{1,{MAX_DIGITS}}}(?![0-9]))"
+STEP_RE = re.compile(rf"{NUM}\s*([-+*])\s*{NUM}\s*=\s*{NUM}")
+FIX_RE = re.compile(rf"wait,\s*{NUM}\s*([-+*])\s*{NUM}\s+is\s+{NUM},\s*not\s+{NUM}")
+ANSWER_RE = re.compile(rf"Answer:\s*{NUM}")
+CONCLUDE_RE = re.compile(rf"answer is\s*{NUM}")
+PLAN_OP_RE = re.compile(rf"(#?-?[0-9]{{1,{MAX_DIGITS}}}) ([-+*]) (#?-?[0-9]{{1,{MAX_DIGITS}}})")  # '4 * #1'
 
 
 def safe_parse(question):
@@ -323,16 +333,18 @@ def parse_answer(text):
     >>> parse_answer("1. 2 + 3 = 5\\nAnswer: 5")
     5
     """
-    found = ANSWER_RE.findall(text or "")
+    found = ANSWER_RE.findall(text) if isinstance(text, str) else []
     return int(found[-1]) if found else None
 
 
 def verify(text, answer):
-    """Expert role 3 (answer verifier): does the text end with the right 'Answer: N'?"""
-    try:
-        return parse_answer(text) == int(answer)
-    except (TypeError, ValueError):
+    """Expert role 3 (answer verifier): does the text end with the right 'Answer: N'?
+
+    Only an integer answer can be right: 'Answer: 3' does not verify 3.9, '3' or True.
+    """
+    if not isinstance(answer, int) or isinstance(answer, bool):
         return False
+    return parse_answer(text) == answer
 
 
 def judge(question, prior_steps, step, response=None):
@@ -383,31 +395,31 @@ def template(thinking):
     >>> template(["first, 5 - 2 = 3", "then 4 * 3 = 12", "check: 4 * 3 = 12, ok", "next, 3 + 12 = 15"])
     ['5 - 2', '4 * #1', '3 + #2']
     """
-    ops, results, consumed = [], [], set()
+    ops = []
+    # value -> the operations whose result (as corrected) is that value, in order: all of them,
+    # and those not yet used as an operand. Looking a value up, rather than searching back
+    # through every earlier result, keeps a trajectory of many lines linear.
+    every, unused = defaultdict(list), defaultdict(list)
     for line in thinking or []:
         line = str(line)
         fix = FIX_RE.search(line)
         if fix:
             wrong, right = int(fix[5]), int(fix[4])
-            for k in range(len(results) - 1, -1, -1):
-                if results[k] == wrong:
-                    results[k] = right
-                    break
+            if every[wrong]:  # the latest result equal to the wrong value is corrected
+                k = every[wrong].pop()
+                bisect.insort(every[right], k)
+                if unused[wrong] and unused[wrong][-1] == k:
+                    unused[wrong].pop()
+                    bisect.insort(unused[right], k)
             continue
         m = STEP_RE.search(line)
         if not m or line.lstrip().startswith("check"):
             continue
-        operands = []
-        for x in (int(m[1]), int(m[3])):
-            src = next((k for k in range(len(results) - 1, -1, -1)
-                        if k not in consumed and results[k] == x), None)
-            if src is None:
-                operands.append(str(x))
-            else:
-                consumed.add(src)
-                operands.append(f"#{src + 1}")
-        ops.append(f"{operands[0]} {m[2]} {operands[1]}")
-        results.append(int(m[4]))
+        # an operand is the latest unused result of that value ('#k'), or the number itself
+        a, b = (f"#{unused[x].pop() + 1}" if unused[x] else str(x) for x in (int(m[1]), int(m[3])))
+        every[int(m[4])].append(len(ops))
+        unused[int(m[4])].append(len(ops))
+        ops.append(f"{a} {m[2]} {b}")
     return ops
 
 
@@ -419,7 +431,7 @@ def follow_template(plan):
     """
     values, lines = [], []
     for k, op_text in enumerate(plan):
-        m = re.fullmatch(r"(#?-?\d+) ([-+*]) (#?-?\d+)", op_text.strip())
+        m = PLAN_OP_RE.fullmatch(str(op_text).strip())
         if not m:
             return None
         xs = []
@@ -432,6 +444,8 @@ def follow_template(plan):
             else:
                 xs.append(int(tok))
         c = apply_op(m[2], xs[0], xs[1])
+        if abs(c) >= 10 ** MAX_DIGITS:  # no answer line could state it (and products of products explode)
+            return None
         values.append(c)
         lines.append(f"{k + 1}. {fmt(xs[0], m[2], xs[1], c)}")
     if not values:

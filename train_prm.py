@@ -49,7 +49,8 @@ import training
 from model import GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
-                      generate_and_verify)
+                      generate_and_verify, check_options, require, check_writable, run_main, load_cache,
+                      skip_long_prompts, record_names, BadInput)
 from rfprm import (PRM, design_rewards, fuse_rewards, gated_fusion, relative_final, encode_for_prm, batch_of,
                    prm_loss, untrained_scorer, arithmetic_accuracy)
 
@@ -110,6 +111,12 @@ GPU = dict(n_train=10000, max_steps=3000, batch_size=64, mc_records=5000)  # eve
 SMOKE = dict(n_train=60, max_steps=6, batch_size=8, log_every=2, ckpt_every=3, n_rollouts=2,
              mc_rollouts=2, mc_records=30, eval_records=80, warmup_steps=2)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+# the smallest value of each size (training.check_options), and the values of a choice
+AT_LEAST = dict(n_train=1, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
+                warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
+CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
+               final=("relative", "template"), readout=("surprise", "plain"), encoder=("tfidf", "policy"),
+               coherence=("logprob", "prob"))
 
 
 # ----------------------------------------------------------------------------
@@ -152,12 +159,11 @@ def cache_key(cfg, files, keys):
 
 
 def cached(path, make):
-    """Load a torch file if it exists, else make it and write it atomically."""
-    if os.path.exists(path):
-        print(f"reward design: reusing {path}")
-        return torch.load(path, weights_only=True)
-    obj = make()
-    save_checkpoint(path, obj)
+    """Load a torch file if it exists and is readable, else make it and write it atomically."""
+    obj = load_cache(path, "reward design")
+    if obj is None:
+        obj = make()
+        save_checkpoint(path, obj)
     return obj
 
 
@@ -169,7 +175,7 @@ def step_labels(cfg, design):
         return parts[cfg.labels]
     names = [n.strip() for n in cfg.fuse.split(",") if n.strip()]
     if not names or any(n not in parts for n in names):
-        raise ValueError(f"--fuse takes a comma-separated subset of align,quality,coherence; got {cfg.fuse!r}")
+        raise BadInput(f"--fuse takes a comma-separated subset of align,quality,coherence; got {cfg.fuse!r}")
     counts = [len(x) for x in parts["quality"]]
     flat = lambda name: torch.tensor([v for rec in parts[name] for v in rec])
     fused, _ = fuse_rewards(*[flat(n) for n in names])
@@ -203,16 +209,6 @@ def targets_for(cfg, records, tok):
             for s, a, f, ok in zip(step_labels(cfg, d), response, final, approved)]
 
 
-def check_options(cfg):
-    """The label options, before any work."""
-    allowed = {"labels": ("fused", "align", "quality", "coherence", "mc", "outcome"), "fusion": ("gated", "paper"),
-               "final": ("relative", "template"), "readout": ("surprise", "plain"), "encoder": ("tfidf", "policy"),
-               "coherence": ("logprob", "prob")}
-    for key, values in allowed.items():
-        if getattr(cfg, key) not in values:
-            raise ValueError(f"--{key} must be one of {', '.join(values)}; got {getattr(cfg, key)!r}")
-
-
 # ----------------------------------------------------------------------------
 # PRM training
 
@@ -227,6 +223,10 @@ def pack_prm(records, targets, tok, mode, block_size):
     one position early (token p is predicted at p − 1).
     """
     enc = [encode_for_prm(tok, r, mode, block_size) for r in records]
+    cut = [k for k, e in enumerate(enc) if e["truncated"]]
+    if cut:
+        print(f"warning: {len(cut)} of {len(records)} records longer than block_size={block_size}, "
+              f"truncated: {record_names(records, cut)}")
     ids, result_of = batch_of(enc, tok.eot)
     t_step = torch.full(ids.shape, float("nan"))
     t_final = torch.full(ids.shape, float("nan"))
@@ -434,7 +434,7 @@ def chosen_variants(rows):
     wanted = [r.strip() for r in rows.split(",") if r.strip()] or list(keys)
     unknown = [r for r in wanted if r not in keys]
     if unknown:
-        raise ValueError(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
+        raise BadInput(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(keys)}")
     return [v for k, v in keys.items() if k in wanted]
 
 
@@ -465,10 +465,12 @@ def format_per_flaw(rows):
 
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
-    check_options(cfg)
+    check_options(cfg, AT_LEAST, CHOICES)
+    require(cfg.tau > 0 and 0 <= cfg.judge_noise <= 1, "--tau must be > 0 and --judge_noise in [0, 1]")
     if cfg.rows and not cfg.eval:
-        raise ValueError("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
+        raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work
+    check_writable(cfg.cache_dir, *(cfg.out_dir.rstrip("/") + suffix for _, suffix, _ in variants))
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
@@ -476,9 +478,14 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
+    eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
+    # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
+    block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
+                     for p in (cfg.policy, cfg.init or cfg.policy))
+    records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
+    require(records, f"{cfg.data}: no record fits the policy's context")
     os.makedirs(cfg.out_dir, exist_ok=True)
     times, all_scores, rows = {}, {}, {}
-    eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
     # the backbone's arithmetic, measured on held-out records (the expert judges; meta is not read)
     probe = [{k: v for k, v in r.items() if k != "meta"} for r in eval_records[:500]]
     for name, suffix, over in variants:
@@ -514,4 +521,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,8 +1,13 @@
 """
 training: what every script shares, in one place.
 
-* config: one dataclass per script, turned into --key=value options (`parse_config`);
-* files: JSONL records in, JSON results and checkpoints out, always written atomically;
+* config: one dataclass per script, turned into --key=value options (`parse_config`), checked
+  before any work (`check_options`, `require`, `check_writable`);
+* bad input: a wrong file, record or option raises BadInput; `run_main` turns it (and a file that
+  cannot be read or written) into one line on stderr and exit code 2, so a script's traceback
+  always means a bug;
+* files: JSONL records in (checked where they are read), JSON results and checkpoints out,
+  always written atomically;
 * devices and torch.distributed (DDP through torchrun: gloo on CPU, nccl on CUDA);
 * the training loop: cosine schedule, AdamW, gradient clipping, one log line per
   `log_every` steps, checkpoints, batches of similar lengths drawn from (seed, step);
@@ -11,18 +16,21 @@ training: what every script shares, in one place.
 
 import argparse
 import concurrent.futures
+import contextlib
+import glob
 import hashlib
 import json
 import math
 import multiprocessing
 import os
+import sys
 import time
 from dataclasses import asdict, fields
 
 import torch
 
 import task
-from model import GPT, GPTConfig, vocab_fingerprint, left_pad, encode_prompt
+from model import GPT, GPTConfig, BadInput, vocab_fingerprint, left_pad, encode_prompt
 
 # ----------------------------------------------------------------------------
 # configuration: one dataclass per script, turned into --key=value options
@@ -36,21 +44,38 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
+def argument_parser(**kwargs):
+    """An argparse parser that takes no abbreviations and reports a bad option as BadInput.
+
+    Abbreviations off: `--max_step=5` would silently mean --max_steps, and `sft.py --eval=0`
+    --eval_questions. BadInput rather than argparse's exit: one line, not the whole usage.
+    """
+    p = argparse.ArgumentParser(allow_abbrev=False, **kwargs)
+
+    def refuse(message):
+        raise BadInput(f"{message} (--help lists the options)")
+    p.error = refuse
+    return p
+
+
 def parse_config(cls, argv=None, presets=None, doc=None):
     """Build a `cls` dataclass from --key=value options.
 
-    Unknown keys and wrongly typed values stop with an error that names the key (argparse).
+    Unknown keys, abbreviations and wrongly typed values stop with a BadInput that names the key.
     presets = {"smoke": {...}}: when the boolean field `smoke` is set (or the field `preset`
-    names it), its values replace the defaults; options given explicitly still win.
+    names it), its values replace the defaults; options given explicitly still win. An unknown
+    --preset is an error, not a run with the defaults.
     """
-    p = argparse.ArgumentParser(description=doc, argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(description=doc, argument_default=argparse.SUPPRESS,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         if isinstance(f.default, bool):
             p.add_argument(f"--{f.name}", type=str2bool, nargs="?", const=True, help=f"(default {f.default})")
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), help=f"(default {f.default!r})")
     given = vars(p.parse_args(argv))
+    if given.get("preset") and given["preset"] not in (presets or {}):
+        raise BadInput(f"--preset={given['preset']} is not a preset; choose from {', '.join(presets or {})}")
     cfg = cls()
     for name, values in (presets or {}).items():
         if given.get(name) is True or given.get("preset") == name:
@@ -65,6 +90,53 @@ def print_config(cfg):
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
 
 
+def check_options(cfg, at_least, one_of=None):
+    """Refuse impossible option values before any work.
+
+    at_least {option: smallest value}: sizes, steps, intervals (0 batches would loop forever,
+    0 steps would evaluate an untrained model); one_of {option: the values it may take}.
+    """
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise BadInput(f"--{name} must be at least {low}, got {getattr(cfg, name)}")
+    for name, values in (one_of or {}).items():
+        if getattr(cfg, name) not in values:
+            *others, last = map(str, values)
+            raise BadInput(f"--{name} must be {', '.join(others)} or {last}; got {getattr(cfg, name)!r}")
+
+
+def require(holds, message):
+    """An option rule that check_options cannot express (e.g. n_embd divisible by n_head)."""
+    if not holds:
+        raise BadInput(message)
+
+
+def check_writable(*folders):
+    """Refuse an output folder that could not be written, before any work; nothing is created here.
+
+    A folder that does not exist yet is checked where it would be created (its nearest existing
+    parent). Empty names are skipped. (Root may write anywhere: os.access says so too.)
+    """
+    for folder in filter(None, folders):
+        path = os.path.abspath(folder)
+        while not os.path.exists(path):
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise BadInput(f"{folder}: cannot be a folder, {path} is a file")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise BadInput(f"{folder}: cannot write in {path}")
+
+
+def run_main(main):
+    """Run a script's main(). Bad input (BadInput, or a file that cannot be read or written) ends
+    as one line on stderr, `error: ...`, and exit code 2; anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except (BadInput, OSError) as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
+
+
 def write_json_atomic(path, obj):
     """Write JSON next to the outputs atomically (temp file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -73,27 +145,121 @@ def write_json_atomic(path, obj):
         json.dump(obj, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path):
+    """Delete `path`.tmp<pid> files whose process is gone: what a save killed mid-write leaves."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = tmp[len(path) + len(".tmp"):]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(tmp)
+
+
+def process_alive(pid):
+    """Is process `pid` running? True when that cannot be told, so that nothing is removed."""
+    if os.name != "posix" or pid <= 0:  # os.kill(pid, 0) asks "are you there?" on POSIX only
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        pass
+    return True
+
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not an answer
+
+
+def is_lines(x):
+    return isinstance(x, list) and all(isinstance(line, str) for line in x)
+
+
+# what a record's keys must hold when it has them; a string where steps are expected would
+# otherwise be read one character per step, and a null trains as a template example
+RECORD_FIELDS = {
+    "question": (lambda x: isinstance(x, str), "a string"),
+    "answer": (is_int, "an integer"),
+    "n_ops": (is_int, "an integer"),
+    "thinking": (is_lines, "a list of strings"),
+    "response": (is_lines, "a list of strings"),
+    "meta": (lambda x: isinstance(x, dict), "an object"),
+}
+# the hidden truth the evaluations read, when a script requires `meta`
+META_FIELDS = {"flaw": str, "good": bool, "n_ops": int, "step_ok": list, "first_error": int}
+
+
+def record_problem(row, required):
+    """What is wrong with one record, as 'expected ...', or None."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {json.dumps(row)[:40]}"
+    missing = [k for k in required if k not in row]
+    if missing:
+        return f"expected a record with keys {list(required)}, missing {missing}"
+    for key, (ok, what) in RECORD_FIELDS.items():
+        if key in row and not ok(row[key]):
+            return f"expected {key!r} to be {what}, got {json.dumps(row[key])[:40]}"
+    if "meta" in required:
+        meta = row["meta"]
+        wrong = [k for k, t in META_FIELDS.items() if not isinstance(meta.get(k), t)]
+        if not wrong and "thinking" in row and len(meta["step_ok"]) != len(row["thinking"]):
+            wrong = ["step_ok (one per thinking step)"]
+        if wrong:
+            return f"expected 'meta' with {', '.join(META_FIELDS)}; wrong or missing: {', '.join(wrong)}"
+    return None
 
 
 def read_jsonl(path, required=("question", "answer")):
-    """Read a jsonl file; a malformed line stops with file:line and what was expected."""
+    """Read a jsonl file of records, checked: `required` keys, and the types of the keys a record
+    has (RECORD_FIELDS). Anything wrong stops with a BadInput `path:line: what was expected`;
+    so do an empty file, a folder and bytes that are not UTF-8."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no file at {path}: run `python data/arith/prepare.py` first")
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a folder, expected a jsonl file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then has a line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadInput(f"{path}:{lineno}: expected UTF-8 text, byte {e.start + 1} of the line is not") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: expected one JSON object per line ({e.msg})") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: expected a record with keys {list(required)}, "
-                                 f"missing {missing}")
+            except (ValueError, RecursionError) as e:  # also an integer of more than 4300 digits
+                raise BadInput(f"{path}:{lineno}: expected one JSON object per line "
+                               f"({getattr(e, 'msg', None) or type(e).__name__})") from None
+            problem = record_problem(row, required)
+            if problem:
+                raise BadInput(f"{path}:{lineno}: {problem}")
             rows.append(row)
+    if not rows:
+        raise BadInput(f"{path}: no records, expected one JSON object per line")
     return rows
+
+
+def record_names(records, indices, most=10):
+    """'3, 17, #5, ...': the ids of some records (their position, #k, when they have none)."""
+    names = [str(records[k].get("id", f"#{k}")) for k in indices[:most]]
+    return ", ".join(names) + (", ..." if len(indices) > most else "")
+
+
+def skip_long_prompts(records, prompt_lengths, block_size, what="records"):
+    """The records whose prompt leaves room in the context; the others are named in one warning.
+
+    A prompt of block_size tokens or more leaves nothing to generate and no room to read a step.
+    """
+    long = [k for k, n in enumerate(prompt_lengths) if n >= block_size]
+    if long:
+        print(f"warning: {len(long)} of {len(records)} {what} have a prompt of block_size={block_size} "
+              f"tokens or more, skipped: {record_names(records, long)}")
+    long = set(long)
+    return [r for k, r in enumerate(records) if k not in long]
 
 
 # ----------------------------------------------------------------------------
@@ -115,6 +281,24 @@ def save_checkpoint(path, ckpt):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
+    remove_stale_temporaries(path)
+
+
+def load_cache(path, label):
+    """What an earlier run saved at `path` (a torch file), or None when there is nothing to reuse.
+
+    A file that cannot be read (cut short, overwritten) is named in a warning and the caller
+    computes it again: a cache must never be the reason a run fails.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        obj = torch.load(path, weights_only=True)
+    except Exception as e:
+        print(f"warning: {path} is not a readable cache ({type(e).__name__}); computing it again")
+        return None
+    print(f"{label}: reusing {path}")
+    return obj
 
 
 def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
@@ -127,26 +311,26 @@ def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ValueError(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
+        raise BadInput(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("model_args"), dict):
+        raise BadInput(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
     if kind is not None and ckpt.get("kind") != kind:
-        raise ValueError(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
+        raise BadInput(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
     if enc is not None and ckpt.get("vocab") != vocab_fingerprint(enc):
-        raise ValueError(f"{path}: made with vocabulary {ckpt.get('vocab')}, but the tokenizer "
-                         f"loaded now is {vocab_fingerprint(enc)}; re-run the stage that made it")
+        raise BadInput(f"{path}: made with vocabulary {ckpt.get('vocab')}, but the tokenizer "
+                       f"loaded now is {vocab_fingerprint(enc)}; re-run the stage that made it")
     return ckpt
 
 
 def model_from_checkpoint(ckpt, device="cpu"):
     """Rebuild a GPT from a checkpoint dict; a state dict of another shape is refused clearly."""
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
-    state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
     try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
+        state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
         model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise BadInput(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
     return model.to(device)
 
 
@@ -160,7 +344,12 @@ def make_checkpoint(kind, model, enc, config, **extra):
 
 
 def pick_device(name=""):
+    """The device named, else the best there is (cuda, then mps, then cpu)."""
     if name:
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise BadInput(f"--device={name} is not a device name (cpu, cuda, cuda:1, mps)") from None
         return name
     if torch.cuda.is_available():
         return "cuda"
@@ -283,9 +472,12 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
     lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
     loss or gradient stops the run, naming the step, before anything else is logged or saved:
-    the last checkpoint on disk stays the last good one.
+    the last checkpoint on disk stays the last good one. A resumed run (start_step > 0) first
+    drops the metrics rows of the steps it will log again.
     Returns {"tokens": targets seen, "loss": last logged loss}.
     """
+    if metrics_path and rank == 0 and start_step > 0:
+        keep_metrics_before(metrics_path, start_step)
     optimizer = optimizer or make_optimizer(model, cfg, device)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
@@ -332,6 +524,29 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     return {"tokens": tokens_seen, "loss": loss_val}
 
 
+def keep_metrics_before(path, step):
+    """Keep only the rows of steps before `step` in a metrics file (and drop a line cut by a kill).
+
+    A run killed after its last checkpoint had logged a few more steps; resumed from that
+    checkpoint, it logs them again.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] < step:
+                kept.append(line.rstrip("\n") + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def pack(examples, block_size, pad_id):
     """Right-pad examples into X, Y of shape (N, L): Y = next token, -1 on prompt and padding.
 
@@ -359,22 +574,38 @@ def generate_completions(model, tok, prompts, temperature=0.0, max_new_tokens=No
                          batch_size=256, generator=None, top_k=None, progress=""):
     """Generate a completion (list of ids, eos-trimmed) for each prompt, in batches.
 
+    Every row gets max_new_tokens, or what is left of the context after its own prompt when
+    that is less: such a row is generated on its own after its batch, so that one long prompt
+    never shortens the other rows. A prompt that fills the context gets an empty completion
+    (counted in a warning). max_new_tokens=None: up to the end of the context, for the
+    longest prompt of the batch.
     progress: a label; when given, one line per batch with the count done and an ETA.
     """
     model.eval()
     device = next(model.parameters()).device
     block = model.config.block_size
-    outs, t0 = [], time.time()
+    want = max_new_tokens or block
+    outs, t0 = [[] for _ in prompts], time.time()
     for i in range(0, len(prompts), batch_size):
         if progress and i:
             print(f"{progress}: {i:,}/{len(prompts):,} completions | "
                   f"eta {format_eta((time.time() - t0) / i * (len(prompts) - i))}", flush=True)
-        chunk = prompts[i:i + batch_size]
-        idx, mask = left_pad(chunk, tok.eot, device)
-        new = min(max_new_tokens or block, block - idx.size(1))
-        seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
-                              prompt_mask=mask, generator=generator)
-        outs.extend(seqs[:, idx.size(1):].tolist())
+        rows = [j for j in range(i, min(i + batch_size, len(prompts))) if len(prompts[j]) < block]
+        batch = [j for j in rows if not max_new_tokens or len(prompts[j]) + want <= block]
+        alone = sorted(set(rows) - set(batch))
+        for group in [batch] + [[j] for j in alone]:
+            if not group:
+                continue
+            idx, mask = left_pad([prompts[j] for j in group], tok.eot, device)
+            new = min(want, block - idx.size(1))
+            seqs = model.generate(idx, new, temperature=temperature, top_k=top_k, eos_id=tok.eot,
+                                  prompt_mask=mask, generator=generator)
+            for j, out in zip(group, seqs[:, idx.size(1):].tolist()):
+                outs[j] = out
+    n_full = sum(len(p) >= block for p in prompts)
+    if n_full:
+        print(f"warning: {n_full} of {len(prompts):,} prompts fill the context (block_size={block}): "
+              f"empty completions")
     return [o[:o.index(tok.eot) + 1] if tok.eot in o else o for o in outs]
 
 

@@ -47,7 +47,8 @@ import torch
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
 from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device, pack,
-                      parse_config, print_config, read_jsonl, write_json_atomic, format_eta)
+                      parse_config, print_config, read_jsonl, write_json_atomic, format_eta, check_options,
+                      require, check_writable, run_main, skip_long_prompts, BadInput)
 from rfprm import load_prm, untrained_scorer
 
 
@@ -76,6 +77,7 @@ class TTSConfig:
 GPU = dict(n_questions=1000, n_samples=64, ns="1,2,4,8,16,32,64")  # a tighter curve, one more N
 SMOKE = dict(n_questions=8, n_samples=8, ns="1,2,4,8", n_subsets=50, max_new_tokens=48, batch_size=64)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
+AT_LEAST = dict(n_questions=1, n_samples=1, n_subsets=1, max_new_tokens=1, batch_size=1)  # training.check_options
 
 SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
 WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
@@ -90,8 +92,8 @@ def check_sizes(ns, n_samples):
     """Every N must be between 1 and the number of samples per question."""
     for n in ns:
         if n < 1 or n > n_samples:
-            raise ValueError(f"N={n} is not possible with {n_samples} samples per question: "
-                             f"every N must be between 1 and {n_samples} (raise --n_samples or lower --ns)")
+            raise BadInput(f"N={n} is not possible with {n_samples} samples per question: "
+                           f"every N must be between 1 and {n_samples} (raise --n_samples or lower --ns)")
 
 
 def subset_indices(n_samples, n, n_subsets, n_questions, generator=None):
@@ -378,11 +380,14 @@ def checks(curves, per_question, ns):
 
 def main(argv=None):
     cfg = parse_config(TTSConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST)
+    require(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
+    check_writable(cfg.out_dir)
     print_config(cfg)
     try:
         ns = [int(n) for n in cfg.ns.split(",") if n.strip()]
     except ValueError:
-        raise ValueError(f"--ns must be comma-separated integers like 1,2,4,8, got {cfg.ns!r}") from None
+        raise BadInput(f"--ns must be comma-separated integers like 1,2,4,8, got {cfg.ns!r}") from None
     check_sizes(ns, cfg.n_samples)  # before minutes of sampling
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -393,10 +398,14 @@ def main(argv=None):
         if not os.path.exists(p):
             raise FileNotFoundError(f"no {name} checkpoint at {p!r}: train it with train_prm.py, "
                                     f"or point --{SCORERS[name]} at it")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+        load_checkpoint(p, kind="prm")  # a file that is not a PRM fails now, not after the sampling
     t0 = time.time()
 
     policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
+    questions = skip_long_prompts(questions, [len(encode_prompt(tok, q["question"])) for q in questions],
+                                  policy.config.block_size, "questions")
+    require(questions, f"{cfg.test}: no question fits the policy's context")
+    os.makedirs(cfg.out_dir, exist_ok=True)
     print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
     comps = sample_all(policy, tok, questions, cfg, device)
     records, answers, correct = to_records(tok, questions, comps, cfg.n_samples)
@@ -447,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

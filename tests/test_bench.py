@@ -48,14 +48,16 @@ def test_flops_per_token_by_hand():
     # N = L (12 C^2 + 2C) + C + V C = 2 (768 + 16) + 8 + 128 = 1704; attention 12 L H Q T = 768
     assert bench.n_matmul_params(cfg) == 1704
     assert bench.flops_per_token(cfg, T=4) == 6 * 1704 + 768 == 10992
-    # PRM, forward only: the (C -> 1) head replaces the lm_head: N = 1704 - 128 + 9 = 1585
-    assert bench.n_matmul_params(cfg, prm=True) == 1585
-    assert bench.flops_per_token(cfg, T=4, train=False, prm=True) == 2 * 1585 + 384 == 3554
+    # PRM, forward only: the (C -> 1) head and the surprise weight replace the lm_head, which is read
+    # at a quarter of the tokens: N = 1704 - 128 + 10 + 128 / 4 = 1618
+    assert bench.n_matmul_params(cfg, prm=True) == 1618
+    assert bench.flops_per_token(cfg, T=4, train=False, prm=True) == 2 * 1618 + 384 == 3620
 
 
 def test_matmul_params_match_the_models():
-    """N is every parameter, the tied embedding counted once (as the lm_head); PRM: minus wte."""
+    """N is every parameter, the tied embedding counted once (as the lm_head); PRM: the lm_head
+    counted at a quarter of the tokens."""
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=64)
     assert bench.n_matmul_params(cfg) == GPT(cfg).num_params()
     prm = PRM(cfg)
-    assert bench.n_matmul_params(cfg, prm=True) == sum(p.numel() for p in prm.parameters()) - 64 * 16
+    assert bench.n_matmul_params(cfg, prm=True) == sum(p.numel() for p in prm.parameters()) - 64 * 16 * 3 / 4

@@ -70,8 +70,11 @@ def test_confidence_baseline_on_a_hand_made_record(tok, arith_lm):
     scorer.gpt.load_state_dict(arith_lm.state_dict())
     scorer.tok, scorer.alpha = tok, 0.0
     good, bad = scorer.score([fact_record(3, 4, 7), fact_record(3, 4, 8)])
-    assert good["step"][0] == bad["step"][0] == 1.0, "no result, no surprise: exp(0)"
-    assert good["step"][1] > 0.6 and bad["step"][1] < 0.05
+    assert good["step"][0] == pytest.approx(bad["step"][0]) and good["step"][0] > 0.9, "a learnt line: confident"
+    assert good["step"][1] > 0.6 and bad["step"][1] < 0.05       # exp(the lowest token log-probability)
+    # every token of the step counts, not only its result: an odd word lowers the score too
+    odd = scorer.score([dict(fact_record(3, 4, 7), thinking=["let me see", "zebra 3 + 4 = 7"])])[0]
+    assert odd["step"][1] < 0.2
     assert good["response"][0] > bad["response"][0]
     assert good["total"] == pytest.approx(sum(good["step"]) / 2 + min(good["response"]))   # α = 0
     assert good["total"] > bad["total"]
@@ -209,7 +212,7 @@ def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
     assert "reusing" not in run_script(*args, "--tau=0.5", f"--out_dir={tmp_path / 'c'}").stdout
     assert "reusing" in run_script(*args, "--fusion=paper", f"--out_dir={tmp_path / 'd'}").stdout
     proc = run_script(*args, "--final=relativ", f"--out_dir={tmp_path / 'bad'}", check=False)
-    assert proc.returncode != 0 and "--final must be one of relative, template" in proc.stderr
+    assert proc.returncode == 2 and "--final must be relative or template; got 'relativ'" in proc.stderr
 
 
 def test_auroc_and_first_error_f1_by_hand():
@@ -264,3 +267,18 @@ def test_score_cli_prints_every_trained_step(smoke_prms, smoke_data):
     assert out.count("  think ") == sum(len(r["thinking"]) for r in recs)
     assert out.count("  resp  0.") + out.count("  resp  1.") == sum(len(r["response"]) for r in recs)
     assert out.count("trajectory ") == 2
+
+
+def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, tmp_path, capsys):
+    """A question longer than the context is skipped, a 200 kB step of digits truncated; both named by id."""
+    rows = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:20]
+    rows[2]["question"] = " + ".join(["1"] * 400)     # ~1,600 tokens: a context of 256 has no room
+    rows[4]["thinking"][1] = "7" * 200_000             # once minutes in a quadratic-time regex
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_prm.main(["--smoke", "--n_train=20", f"--policy={smoke_policy}", f"--data={pool}", f"--out_dir={tmp_path / 'prm'}",
+                    f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"])
+    out = capsys.readouterr().out
+    assert f"1 of 20 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
+    assert f"records longer than block_size=256, truncated: {rows[4]['id']}" in out
+    assert (tmp_path / "prm" / "ckpt.pt").exists()

@@ -99,7 +99,8 @@ def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, t
     other = tmp_path / "other"
     run_script("data/arith/prepare.py", "--smoke", "--vocab_size=300", f"--out_dir={other}")
     proc = run_script("sft.py", "--smoke", f"--init={smoke_base}", f"--tokenizer={other}/tokenizer.tiktoken",
-                      f"--data={other}/train.jsonl", f"--out_dir={tmp_path / 'x'}", check=False)
+                      f"--data={other}/train.jsonl", f"--test={other}/test.jsonl", f"--out_dir={tmp_path / 'x'}",
+                      check=False)
     assert proc.returncode != 0 and "vocabulary" in proc.stderr
 
 

@@ -165,3 +165,16 @@ def test_checks_on_hand_made_curves():
     curves["PRM-weighted vote"] = curve([0.3, 0.29, 0.5, 0.6])       # below the vote at N = 2
     ok = tts.checks(curves, per_q, [1, 2, 4, 8])
     assert not ok["prm_never_drops_by_more_than_one_se"] and not ok["weighted_vote_at_or_above_majority"]
+
+
+def test_a_question_longer_than_the_context_is_skipped_by_name(smoke_data, smoke_policy, smoke_prms, tmp_path, capsys):
+    questions = [json.loads(l) for l in open(smoke_data / "test.jsonl")][:3]
+    questions[1]["question"] = " + ".join(["1"] * 400)   # ~1,600 tokens: a context of 256 has no room
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    tts.main(["--smoke", "--n_questions=3", "--n_samples=2", "--ns=1,2", f"--policy={smoke_policy}",
+              f"--prm={smoke_prms['fused']}", "--prm_response=", "--prm_outcome=", f"--out_dir={tmp_path / 'tts'}",
+              f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--test={test}"])
+    out = capsys.readouterr().out
+    assert f"1 of 3 questions have a prompt of block_size=256 tokens or more, skipped: {questions[1]['id']}\n" in out
+    assert json.loads((tmp_path / "tts" / "results.json").read_text())["n_questions"] == 2

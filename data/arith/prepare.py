@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
 from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
-from training import parse_config  # noqa: E402
+from training import parse_config, check_options, require, check_writable, run_main  # noqa: E402
 
 
 @dataclass
@@ -49,6 +49,8 @@ class PrepareConfig:
 
 
 SMOKE = dict(n_train=300, n_pool=200, n_prm_eval=100, n_rl=50, n_test=50, n_facts=2000)
+# the smallest value of each size (training.check_options); the vocabulary holds 256 bytes and 3 special tokens
+AT_LEAST = dict(n_train=1, n_pool=1, n_prm_eval=1, n_rl=1, n_test=1, n_facts=1, vocab_size=259)
 
 
 # ----------------------------------------------------------------------------
@@ -173,6 +175,9 @@ def print_summary(train, test, out_dir):
 
 def main(argv=None):
     cfg = parse_config(PrepareConfig, argv, {"smoke": SMOKE}, __doc__)
+    check_options(cfg, AT_LEAST)
+    require(cfg.flaw_scale >= 0, f"--flaw_scale must be >= 0, got {cfg.flaw_scale}")
+    check_writable(cfg.out_dir)
     base = task.WorldConfig()
     flawed = {f"p_{f}": getattr(base, f"p_{f}") * cfg.flaw_scale for f in task.FLAWS if f != "clean"}
     out = prepare(cfg, dataclasses.replace(base, **flawed))
@@ -180,4 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
