@@ -57,7 +57,8 @@ import training
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
 from training import (generate_and_verify, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
-                      write_json_atomic, format_eta, check_options, require, check_writable, run_main, BadInput)
+                      write_json_atomic, format_eta, check_options, require, check_writable, run_main, BadInput,
+                      map_in_processes)
 from rfprm import load_prm, prm_total, total_range
 
 
@@ -97,6 +98,7 @@ class GRPOConfig:
     # several runs: "rule,mix,mix@0.5,process" x seeds seed, seed+1, ...; prints mean ± std
     variants: str = ""
     seeds: int = 1
+    workers: int = 1                     # runs at a time, each in a process of one thread (training.map_in_processes)
     # evaluation, logging, checkpoints
     eval_every: int = 25
     eval_questions: int = 200            # greedy accuracy on the first test questions, during training
@@ -116,7 +118,7 @@ SMOKE = dict(max_steps=4, questions_per_step=2, group_size=4, max_new_tokens=48,
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options): a group of 1 has no advantage to learn
 # from, μ = 0 never steps; and the values of a choice
-AT_LEAST = dict(max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
+AT_LEAST = dict(workers=1, max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
                 seeds=1, eval_every=0, eval_questions=0, final_questions=0, log_every=1, sample_every=0, ckpt_every=1)
 CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
 
@@ -602,6 +604,17 @@ def save_figure(histories, path):
     return True
 
 
+def one_run(cfg, tok, questions, test, start_eval):
+    """One run of a comparison, a job of training.map_in_processes (its PRM is loaded here).
+    Returns (results, the rows of its metrics.jsonl)."""
+    device = pick_device(cfg.device)
+    prm = load_prm(cfg.prm, device) if cfg.reward in ("prm", "mix") else None
+    print(f"=== {variant_name(cfg)}, seed {cfg.seed} ===")
+    torch.manual_seed(cfg.seed)
+    res = train_run(cfg, tok, questions, test, prm, start_eval, device)
+    return res, read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), ())
+
+
 def main(argv=None):
     cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
     check_options(cfg, AT_LEAST, CHOICES)
@@ -617,31 +630,29 @@ def main(argv=None):
     require(not any(r.process and r.reward == "rule" for r in runs),
             "--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
     load_checkpoint(cfg.init, kind="policy", enc=tok.enc)  # a bad starting policy fails before out_dir is made
-    prm = None
     if any(r.reward in ("prm", "mix") for r in runs):
         if not os.path.exists(cfg.prm):
             raise FileNotFoundError(f"no PRM at {cfg.prm!r}: train it with train_prm.py, or use --reward=rule")
-        prm = load_prm(cfg.prm, device)
+        load_prm(cfg.prm, device)   # a file that is not a PRM fails now
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not specs and cfg.seeds == 1:   # one run, straight into out_dir
-        torch.manual_seed(cfg.seed)
-        return train_run(cfg, tok, questions, test, prm, device=device)
+        return one_run(cfg, tok, questions, test, None)[0]
 
     # several runs: out_dir/<variant>/seed<k>/, the starting policy evaluated once
     start_eval = evaluate(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
                           tok, test[:cfg.final_questions])
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
-    results, histories = [], {}
-    for run in runs:
-        for k in range(cfg.seeds):
+    jobs = []
+    for k in range(cfg.seeds):         # seed by seed: the variants of a seed are paired, and finish together
+        for run in runs:
             name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_")
             rcfg = replace(run, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}"),
                            variants="", seeds=1)
-            print(f"=== {variant_name(rcfg)}, seed {rcfg.seed} ===")
-            torch.manual_seed(rcfg.seed)
-            res = train_run(rcfg, tok, questions, test, prm, start_eval, device)
-            results.append(res)
-            histories.setdefault(res["variant"], []).append(read_jsonl(os.path.join(rcfg.out_dir, "metrics.jsonl"), ()))
+            jobs.append((rcfg, tok, questions, test, start_eval))
+    results, histories = [], {}
+    for res, history in map_in_processes(one_run, jobs, cfg.workers):
+        results.append(res)
+        histories.setdefault(res["variant"], []).append(history)
     summary = summarise(results)
     print(format_table(summary, len(test[:cfg.final_questions])))
     print(format_curves(histories, cfg.eval_every or cfg.max_steps, len(test[:cfg.eval_questions])))

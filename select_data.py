@@ -71,7 +71,7 @@ import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer
 from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
                       read_jsonl, write_json_atomic, save_checkpoint, format_eta, check_options,
-                      check_writable, run_main, load_cache, BadInput)
+                      check_writable, run_main, load_cache, BadInput, map_in_processes)
 from rfprm import load_prm, prm_total, untrained_scorer
 
 
@@ -88,6 +88,7 @@ class SelectConfig:
     selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,oracle"
     k: int = 1000                  # records kept per selector (5% of the pool, see the docstring)
     seeds: int = 3                 # rows: seeds seed, seed + 1, ...
+    workers: int = 1               # students at a time, each in a process of one thread (training.map_in_processes)
     seed: int = 1337
     # the student's budget: identical for every selector
     budget_tokens: int = 150_000   # target tokens each student sees (~15 s on a 2-core CPU)
@@ -107,7 +108,7 @@ GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer stud
 SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options); 0 batches would loop forever
-AT_LEAST = dict(k=1, seeds=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
+AT_LEAST = dict(k=1, seeds=1, workers=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
 SELECTORS = {
@@ -335,7 +336,7 @@ def format_tables(summary, cfg, n_pool, pool_comp, start):
         steps = f"{min(s['steps'])}-{max(s['steps'])}"
         lines.append(f"{s['name']:<30}{100 * s['acc_mean']:>8.1f} ± {100 * s['acc_std']:<4.1f}" +
               "".join(f"{100 * s['by_ops_mean'][n]:>9.1f}" for n in ops) + f"{tok:>20}{steps:>12}")
-    lines.append(f"\ncomposition of the selected sets (% of records; flaw types read from the hidden meta, "
+    lines.append("\ncomposition of the selected sets (% of records; flaw types read from the hidden meta, "
                  f"for this table only; |answer|: median)")
     cols = list(pool_comp)
     short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
@@ -444,19 +445,19 @@ def main(argv=None):
     start = evaluate_init(cfg, tok, questions, device)
     print(training.format_accuracy("start (no training)", start))
     seeds = [cfg.seed + r for r in range(cfg.seeds)]
-    rows, n_done, n_all, t_train = {k: [] for k in keys}, 0, len(keys) * len(seeds), time.time()
-    for seed in seeds:        # row by row, so that an interrupted run has whole rows
-        for key in keys:
-            idx = select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None)
-            run = train_student([records[i] for i in idx], cfg, tok, block_size, seed, device, questions)
-            run["composition"] = composition(idx, hidden_meta, records)
-            run["selected"] = idx  # pool indices, best first for the top-K selectors
-            rows[key].append(run)
-            n_done += 1
-            eta = (time.time() - t_train) / n_done * (n_all - n_done)
-            print(f"student {n_done:2d}/{n_all} | {SELECTORS[key]:<28} seed {seed} | {run['steps']} steps, "
-                  f"{run['tokens']:,} tokens, loss {run['loss']:.3f} | acc {100 * run['acc']:5.1f}% | "
-                  f"{run['seconds']:.0f}s | eta {format_eta(eta)}")
+    # every student of a seed is one job; seed by seed, so that an interrupted run has whole rows
+    chosen = [(key, seed, select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None))
+              for seed in seeds for key in keys]
+    jobs = [([records[i] for i in idx], cfg, tok, block_size, seed, device, questions) for _, seed, idx in chosen]
+    rows, n_all, t_train = {k: [] for k in keys}, len(chosen), time.time()
+    for n_done, ((key, seed, idx), run) in enumerate(zip(chosen, map_in_processes(train_student, jobs, cfg.workers)), 1):
+        run["composition"] = composition(idx, hidden_meta, records)
+        run["selected"] = idx  # pool indices, best first for the top-K selectors
+        rows[key].append(run)
+        eta = (time.time() - t_train) / n_done * (n_all - n_done)
+        print(f"student {n_done:2d}/{n_all} | {SELECTORS[key]:<28} seed {seed} | {run['steps']} steps, "
+              f"{run['tokens']:,} tokens, loss {run['loss']:.3f} | acc {100 * run['acc']:5.1f}% | "
+              f"{run['seconds']:.0f}s | eta {format_eta(eta)}")
     tokens = [r["tokens"] for runs in rows.values() for r in runs]
     print(f"token budget: every student saw {min(tokens):,}-{max(tokens):,} target tokens "
           f"(budget {cfg.budget_tokens:,}: each trains the fewest steps that reach it)")

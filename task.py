@@ -38,7 +38,6 @@ on a malformed step is no expert. They read ASCII digits only, at most MAX_DIGIT
 """
 
 import bisect
-import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass

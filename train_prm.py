@@ -85,10 +85,10 @@ class PRMConfig:
     lam_step: float = 1.0
     lam_final: float = 1.0
     alpha: float = 1.0             # total = mean(step) + α·trajectory
-    max_steps: int = 300
+    max_steps: int = 400
     batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup_steps: int = 30
     weight_decay: float = 0.0
     grad_clip: float = 1.0

@@ -394,20 +394,21 @@ def format_eta(seconds):
 
 
 def map_in_processes(fn, jobs, workers=1):
-    """[fn(*job) for job in jobs], run here (workers = 1) or in `workers` processes of one thread each.
+    """fn(*job) for each job, in job order (a generator): run here (workers = 1) or in `workers`
+    processes of one thread each.
 
     The course's models are too small for their matmuls to keep two threads busy, so on a small
     CPU two one-thread processes get more done than one two-thread process. The jobs must not
-    depend on each other; results come back in job order, and fn must be a module-level function.
-    A job's floating-point results depend on its thread count, so --workers=1 and --workers=2
-    differ in the last digits.
+    depend on each other, and fn must be a module-level function. A job's floating-point results
+    depend on its thread count, so --workers=1 and --workers=2 differ in the last digits.
     """
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(*job) for job in jobs]
+        yield from (fn(*job) for job in jobs)
+        return
     spawn = multiprocessing.get_context("spawn")   # a fresh interpreter: no forked torch thread pools
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads,
                                                 initargs=(1,)) as pool:
-        return list(pool.map(fn, *zip(*jobs)))
+        yield from pool.map(fn, *zip(*jobs))
 
 
 # ----------------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """sft.py: loss masking, an end-to-end smoke run, DDP, and refusing bad inputs."""
 
 import json
-import os
 import sys
 
 import pytest
