@@ -337,7 +337,7 @@ def format_tables(summary, cfg, n_pool, pool_comp, start):
         lines.append(f"{s['name']:<30}{100 * s['acc_mean']:>8.1f} ± {100 * s['acc_std']:<4.1f}" +
               "".join(f"{100 * s['by_ops_mean'][n]:>9.1f}" for n in ops) + f"{tok:>20}{steps:>12}")
     lines.append("\ncomposition of the selected sets (% of records; flaw types read from the hidden meta, "
-                 f"for this table only; |answer|: median)")
+                 "for this table only; |answer|: median)")
     cols = list(pool_comp)
     short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
     lines.append(f"{'selector':<30}" + "".join(f"{short.get(c, c):>10}" for c in cols))
