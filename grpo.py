@@ -1,7 +1,7 @@
 """
-GRPO with ReasonFlux-PRM as a reward: the paper's online setting (DESIGN §5).
+GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
 
-    python grpo.py                                    # one run, reward=mix, ~3 minutes on a 2-core CPU (165-190 s measured)
+    python grpo.py                                    # one run, reward=mix
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,mix@0.75,prm --seeds=3   # the β sweep
@@ -54,11 +54,11 @@ import torch
 import torch.nn.functional as F
 
 import training
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
-from training import (generate_and_verify, load_checkpoint, model_from_checkpoint, make_checkpoint,
-                      save_checkpoint, pick_device, parse_config, print_config, read_jsonl,
-                      write_json_atomic, format_eta, check_options, require, check_writable, run_main, BadInput,
-                      map_in_processes)
+from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_and_verify, format_eta,
+                   accuracy)
+from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
+                      parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
+                      check_writable, run_main, BadInput, map_in_processes)
 from rfprm import load_prm, prm_total, total_range
 
 
@@ -134,7 +134,7 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
     scale_std=False is Dr. GRPO (no division). A group whose rewards are all equal gets 0.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
-    [0.7070568..., -0.7070568..., 0.0, 0.0]
+    [0.7070068..., -0.7070068..., 0.0, 0.0]
     """
     r = rewards.float().view(-1, group_size)                      # (n_groups, G)
     a = r - r.mean(1, keepdim=True)
@@ -376,8 +376,8 @@ def advantages_for(Y, rew, tok, tables, cfg):
 
 
 def evaluate(model, tok, questions):
-    """Held-out greedy accuracy (training.accuracy)."""
-    return training.accuracy(model, tok, questions)
+    """Held-out greedy accuracy (model.accuracy)."""
+    return accuracy(model, tok, questions)
 
 
 def show_samples(tok, qs, comps, rew, group_size, k=3):
@@ -577,11 +577,8 @@ def format_curves(histories, every, n_eval):
 
 def save_figure(histories, path):
     """Reward, KL and test accuracy against step, one line per variant (mean over seeds); False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = training.pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
     for name, runs in histories.items():
@@ -597,11 +594,7 @@ def save_figure(histories, path):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return True
+    return training.save_png(fig, path, dpi=110)
 
 
 def one_run(cfg, tok, questions, test, start_eval):

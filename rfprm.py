@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import task
-from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt
-from training import (load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, generate_and_verify,
-                      argument_parser, require, run_main, record_names, BadInput)
+from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt, generate_and_verify
+from training import (load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, argument_parser,
+                      require, run_main, record_names, BadInput)
 
 # ----------------------------------------------------------------------------
 # Φ and the step-level rewards: alignment, quality (task.judge), coherence, fusion
@@ -159,8 +159,7 @@ def gated_fusion(fused, quality, floor=0.75):
     0, a step it judges right or harmless gets a label in [¾, 1], and within that band the
     paper's fusion ranks it (a correct computation the response repeats above a filler). So no
     step judged wrong ever ranks above a step judged right, whatever its alignment and coherence.
-    The floor sets how much of the scale the paper's fusion keeps: with ½, fillers sat so low
-    that the PRM ranked them below uncertain wrong steps. fused, quality (S,) -> (S,).
+    The floor is how much of the scale the paper's fusion gives up. fused, quality (S,) -> (S,).
 
     >>> gated_fusion(torch.tensor([0.9, 0.1, -0.3]), torch.tensor([0.0, 0.5, 1.0])).tolist()
     [0.0, 0.7749999761581421, 0.75]
@@ -277,12 +276,9 @@ def design_rewards(records, tok, policy, encoder="tfidf", tau=0.1, n_negatives=8
     print(f"reward design: step rewards for {len(step_rec):,} steps in {t_step:.1f}s; mean fusion weights "
           f"(align, quality, coherence) = ({w[:, 0].mean():.2f}, {w[:, 1].mean():.2f}, {w[:, 2].mean():.2f}) "
           f"as written, ({w_prob[:, 0].mean():.2f}, {w_prob[:, 1].mean():.2f}, {w_prob[:, 2].mean():.2f}) rescaled")
-    device = next(policy.parameters()).device
-    n = len(records)
-    print(f"reward design: template-guided rollouts, {n_rollouts} per trajectory, {n:,} trajectories ...")
+    device, n = next(policy.parameters()).device, len(records)
     g = torch.Generator(device=device).manual_seed(seed)  # where sampling runs
     r_final = trajectory_reward(policy, tok, records, n_rollouts, g, progress="template-guided rollouts")
-    print(f"reward design: rollouts without a template, {n_rollouts} per question, {n:,} questions ...")
     p0 = plain_success(policy, tok, records, n_rollouts, g, progress="rollouts without a template")
     t_traj = time.time() - t0 - t_step
     print(f"reward design: trajectory rewards in {t_traj:.1f}s, mean r_final {r_final.mean():.2f}, "
@@ -433,16 +429,12 @@ class PRM(nn.Module):
     token_of: prm_tokens' result_of (step_of for the confidence readout), batched by batch_of.
 
     readout="surprise" (ours, the default):   R_φ(t) = σ(w·h_t + a·ℓ_t + b)
-        ℓ_t (step_surprise) is how surprised the backbone's own language-model head is by the
-        tokens of step t's result. Why: the head reads h_t at the step's last token, where a
-        4-layer backbone would have to recompute the arithmetic; its next-token prediction
-        already did, at the ` =`. The LM head is trained end to end with the reward head (the
-        loss reaches the backbone through ℓ), and train_prm.py adds a language-model loss on
-        the results of the steps the expert approved: without it the head loses some of the
-        policy's arithmetic as the PRM trains, with it the head gets sharper than the policy
-        was, and a frozen copy of the policy (the other way to keep ℓ sharp) did no better
-        and costs a second model. a starts at 1 (one unit of logit per nat of surprise): a lone
-        scalar moves by only about the learning rate per step.
+        ℓ_t (step_surprise): how surprised the backbone's own language-model head is by step t's
+        result. Why: at the step's last token a small backbone would have to recompute the
+        arithmetic; its next-token prediction already did, at the ` =`. The LM head trains end to
+        end with the reward head, and train_prm.py adds a language-model loss on the results of
+        the steps the expert approved, which keeps the head sharp (a frozen copy of the policy,
+        the other way, costs a second model). a starts at 1: a lone scalar moves slowly.
     readout="plain" (the paper):   R_φ(t) = σ(w·h_t + b)
     readout="confidence" (a baseline, untrained): R(t) = exp(min over all the step's tokens of
         their log-probability), under the policy itself, with no head.
@@ -510,12 +502,9 @@ def prm_total(score, alpha, with_response=True):
     """The record's score.
 
     with_response=True (ours, the default):  mean_t R_φ(s_t) + min_j R_φ(a_j) + α · R_φ(traj)
-        The thinking steps are averaged, as in the paper: a trajectory that slips and corrects
-        itself is a good one, so one low step must not sink it. The response is a chain that
-        ends in the answer, so it is as good as its worst step (the usual way a PRM scores a
-        final solution). A response that drifts from a right thinking (a misaligned record)
-        shows only there: its thinking steps and its template-guided r_final are those of a
-        good trajectory. The total lies in [0, 2 + α].
+        Thinking steps are averaged, as in the paper: a trajectory that slips and corrects itself
+        is a good one. The response is a chain that ends in the answer, as good as its worst step;
+        a response that drifts from a right thinking shows only there. In [0, 2 + α].
     with_response=False (the paper):  mean_t R_φ(s_t) + α · R_φ(traj), in [0, 1 + α].
     A record without thinking (or response) steps counts 0 for their term; α = 0 gives the
     step score alone (the paper's α ablation).
@@ -580,44 +569,13 @@ def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu")
     return scorer.to(device).eval()
 
 
-@torch.no_grad()
-def arithmetic_accuracy(gpt, tok, records, batch_size=64):
-    """The backbone's single-step arithmetic: over the computation lines ('a op b = c') of the
-    thinking that the expert judges right, the share whose result its language-model head
-    predicts exactly (greedy, each result token given the record up to it)."""
-    device = next(gpt.parameters()).device
-    hits = []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        encoded = [prm_tokens(tok, r["question"], r["thinking"], r["response"], gpt.config.block_size)
-                   for r in chunk]
-        checked = []   # (row, end position) of the lines the expert judges right
-        for j, (r, e) in enumerate(zip(chunk, encoded)):
-            for t, (line, end) in enumerate(zip(r["thinking"], e["think"])):
-                if task.STEP_RE.search(str(line)) and task.judge(r["question"], r["thinking"][:t], line) == 1.0:
-                    checked.append((j, end))
-        idx, result_of = batch_of(encoded, tok.eot)
-        idx, result_of = idx.to(device), result_of.to(device)
-        B, T = idx.shape
-        is_result = result_of[:, 1:] >= 0
-        pred = gpt.lm_head(gpt.hidden(idx)[:, :-1][is_result]).argmax(-1) == idx[:, 1:][is_result]
-        rows = torch.arange(B, device=device)[:, None].expand(B, T - 1)[is_result]
-        exact = torch.ones(B * T, device=device).scatter_reduce(0, rows * T + result_of[:, 1:][is_result],
-                                                               pred.float(), "amin")   # every result token right
-        hits += [bool(exact[j * T + end]) for j, end in checked]
-    return sum(hits) / max(1, len(hits))
-
-
 # ----------------------------------------------------------------------------
 # python rfprm.py score FILE.jsonl: see what a trained PRM thinks of each step
 
 
 def colour(text, score, tty):
     """Green for a high score, yellow for a middling one, red for a low one (only on a terminal)."""
-    if not tty:
-        return text
-    code = 32 if score >= 0.7 else 33 if score >= 0.4 else 31
-    return f"\033[{code}m{text}\033[0m"
+    return f"\033[{32 if score >= 0.7 else 33 if score >= 0.4 else 31}m{text}\033[0m" if tty else text
 
 
 def show_scores(record, s, tty, with_response=True):

@@ -1,58 +1,47 @@
 """
 Offline data selection: score the distilled pool with the PRMs, keep the top-K, train students.
 
-    python select_data.py                                  # ~8 minutes on a 2-core CPU (439 s measured)
+    python select_data.py                                  # 7 selectors x 3 seeds
     python select_data.py --k=500 --seeds=5
-    python select_data.py --selectors=random,rf_total,oracle --budget_tokens=300000
+    python select_data.py --selectors=random,rf_total,oracle --budget_tokens=200000
 
-Reproduces the paper's first use of the PRM (DESIGN §5, its Table "offline data selection"):
-every record of the pool is scored, the K best are kept, a student is fine-tuned on them,
-and its accuracy on held-out questions says how good the selection was. Selectors:
+Reproduces the paper's first use of the PRM (its offline data selection table): every record
+of the selection pool is scored, the K best are kept, a student is fine-tuned on them, and
+its accuracy on held-out questions says how good the selection was. Selectors:
 
   random              K records drawn at random
   outcome filter      records whose final answer is right (the answer key), then K at random
   response-only PRM   top-K by the baseline PRM's total (trained on final responses, MC labels)
-  ReasonFlux-PRM      top-K by total = mean(step) + α·trajectory (α from the checkpoint, 1)
-  ReasonFlux step     top-K by mean(step) alone (α = 0): what the trajectory reward adds
-  ReasonFlux, by ops  (not a default; ours, not the paper's) top-K by total within each
-                      number of operations, counted in the question text, in the pool's
-                      proportions: r_final is higher on easier questions, so plain top-K
-                      fills up with them; this row asks what the score picks once that is removed
+  confidence          top-K by the policy's own confidence, no training (rfprm.untrained_scorer)
+  ReasonFlux-PRM      top-K by total = mean(step) + min(response) + α·trajectory (α = 1)
+  ReasonFlux step     the same with α = 0: what the trajectory reward adds
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
 
-Protocol. One row per seed: in row s, every selector's student starts from the same
-checkpoint (--init, the sft.py policy), trains with seed s (batch order) and, for the
-random selectors, also selects with seed s. Every student sees the same number of target tokens: training.train draws
-the batch of step t from (seed, t) alone, so the tokens of each step are known before
-training, and a student trains for the fewest steps whose batches hold --budget_tokens
-(selected sets differ in length, so equal steps would not be equal tokens; the counts then
-agree within one batch, and the run checks that training saw exactly the planned count).
-Accuracy is greedy, on the same held-out questions for every student (training.accuracy).
-Top-K is exact and deterministic: a stable sort by (-score, pool index), so ties go to the
-record that comes first in the pool. The selectors other than the oracle see the records
-with `meta` removed; the flaw-type composition table reads `meta` only to explain results.
+Protocol. The student has never seen the selection pool: every student starts from
+--init (run.sh's `start`: a short SFT of the base model on the training records, which are
+disjoint from the pool; check_never_trained_on refuses a start whose recorded origin
+includes the pool), so what it learns of the pool's reasoning comes from the K records it
+is given. In row s every selector's student trains with seed s (batch order) and, for the
+random selectors, also selects with seed s. Every student sees the same number of target
+tokens: training.train draws the batch of step t from (seed, t) alone, so a student trains
+for the fewest steps whose batches hold --budget_tokens (plan_steps; the counts agree within
+one batch, and the run checks that training saw exactly the planned count). Accuracy is
+greedy, on the same held-out questions for every student. Top-K is a stable sort by
+(-score, pool index). The selectors other than the oracle see the records with `meta`
+removed; the composition table reads `meta` only to explain results.
 
-Why the students start from the policy: the paper fine-tunes an already capable instruct
-model on the selected 1k records. Started from the base model (facts only), 150k tokens
-left every student near 5% accuracy whatever its data, oracle included: a comparison of
-nothing. From the policy (~58% greedy), 150k tokens on 1k records move a student up or
-down with the quality of its data (measured: random 42.6%, outcome filter 44.4%, oracle
-58.4%, one seed).
-
-Why K = 1,000 (5% of the 20,000-record pool) and 150k tokens per student: K in the paper's
-range (it keeps 1k of 59k), small enough that the top of the ranking is far purer than the
-pool (a random record is good only half the time), large enough that the selected sets
-still cover 2- and 3-operation questions. 150k tokens is ~2.5 passes over K records
-(~60 target tokens each) and ~15 s of training per student at ~10k tokens/s, so that 6
-selectors x 3 seeds, plus scoring 20,000 records twice, fit in 8 minutes; several passes
-over a small set are where flawed records hurt most, so the differences are measurable.
+Why this start, K and budget: from the base model (facts only) a student learns too little
+in a short run to tell good data from bad; from the policy, which was trained on records
+like these, every selection only moves it down. A start that knows the format but reasons
+poorly leaves room for the selected records to teach. K is 10% of the pool, so the top of a
+ranking is far purer than the pool; the budget is several passes over the K records, where
+flawed records hurt most; a lower learning rate than SFT's keeps a student near its start.
 
 Where this departs from the paper:
-  * the students are the course's 0.8M-parameter GPT, started from the policy of sft.py,
-    trained for seconds on K = 1,000 records, not Qwen2.5 on 1k of 59k;
-  * the baselines are our own PRMs (train_prm.py --labels=mc, the response-only PRM), the
-    answer key (outcome filter) and random, not released PRMs or human curation (s1k);
+  * the students are the course's small GPT trained for seconds, not Qwen2.5 on 1k of 59k records;
+  * the baselines are our own scorers (response-only PRM, confidence), the answer key (outcome
+    filter) and random, not released PRMs or human curation (s1k);
   * budgets are matched in target tokens (ours): the paper matches the number of samples;
   * several seeds and a std per selector, the step-only row and the oracle are our additions.
 """
@@ -68,9 +57,9 @@ import torch
 import sft
 import training
 import task
-from model import Tok, DEFAULT_VOCAB, load_tokenizer
-from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config, print_config,
-                      read_jsonl, write_json_atomic, save_checkpoint, format_eta, check_options,
+from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, format_accuracy
+from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
+                      print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options,
                       check_writable, run_main, load_cache, BadInput, map_in_processes)
 from rfprm import load_prm, prm_total, untrained_scorer
 
@@ -86,15 +75,15 @@ class SelectConfig:
     prm: str = "out/prm/ckpt.pt"                     # ReasonFlux-PRM
     prm_response: str = "out/prm_response/ckpt.pt"   # response-only PRM (train_prm.py --labels=mc)
     selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,oracle"
-    k: int = 1000                  # records kept per selector (5% of the pool, see the docstring)
+    k: int = 1000                  # records kept per selector (10% of the pool, see the docstring)
     seeds: int = 3                 # rows: seeds seed, seed + 1, ...
-    workers: int = 1               # students at a time, each in a process of one thread (training.map_in_processes)
+    workers: int = 2               # students at a time, each in a process of one thread (training.map_in_processes)
     seed: int = 1337
     # the student's budget: identical for every selector
-    budget_tokens: int = 150_000   # target tokens each student sees (~15 s on a 2-core CPU)
+    budget_tokens: int = 400_000   # target tokens each student sees: ~7 passes over K records
     batch_size: int = 8            # small batches learn more per token (sft.py)
-    lr: float = 2e-3
-    min_lr: float = 2e-4
+    lr: float = 5e-4               # a quarter of SFT's: the student stays near its start
+    min_lr: float = 5e-5
     warmup_steps: int = 30
     eval_questions: int = 500      # held-out questions, the same for every student
     score_batch_size: int = 0      # rows per PRM forward (0: rfprm.score_batch_size, 16 on a CPU)
@@ -105,7 +94,7 @@ class SelectConfig:
 
 
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
-SMOKE = dict(k=32, seeds=2, budget_tokens=2000, warmup_steps=2, eval_questions=16)
+SMOKE = dict(k=32, seeds=2, workers=1, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options); 0 batches would loop forever
 AT_LEAST = dict(k=1, seeds=1, workers=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
@@ -266,7 +255,7 @@ def plan_steps(records, tok, block_size, budget, batch_size, seed):
 def evaluate_init(cfg, tok, questions, device):
     """Greedy accuracy of the checkpoint every student starts from: the reference line of the table."""
     model = model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device)
-    return training.accuracy(model, tok, questions)
+    return accuracy(model, tok, questions)
 
 
 def train_student(records, cfg, tok, block_size, seed, device, questions):
@@ -277,7 +266,7 @@ def train_student(records, cfg, tok, block_size, seed, device, questions):
     if info["tokens"] != planned:  # the budget is the point of the comparison: never let it drift
         raise RuntimeError(f"student saw {info['tokens']} target tokens, planned {planned}")
     train_s = time.time() - t0
-    res = training.accuracy(model, tok, questions)
+    res = accuracy(model, tok, questions)
     return {"seed": seed, "acc": res["acc"], "by_ops": res["by_ops"], "tokens": info["tokens"],
             "steps": steps, "loss": info["loss"], "train_seconds": train_s,
             "seconds": time.time() - t0}
@@ -356,11 +345,8 @@ def text_bars(summary, width=40):
 
 def save_figure(summary, path):
     """Bar chart of accuracy (mean ± std over seeds) per selector; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = training.pyplot()
+    if plt is None:
         return False
     names = [s["name"] for s in summary.values()]
     fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -370,11 +356,7 @@ def save_figure(summary, path):
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
     ax.set_title("students trained on each selector's top-K (grey: upper bound)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return True
+    return training.save_png(fig, path, dpi=120)
 
 
 def checks(summary):
@@ -443,7 +425,7 @@ def main(argv=None):
     t_score = time.time() - t0
 
     start = evaluate_init(cfg, tok, questions, device)
-    print(training.format_accuracy("start (no training)", start))
+    print(format_accuracy("start (no training)", start))
     seeds = [cfg.seed + r for r in range(cfg.seeds)]
     # every student of a seed is one job; seed by seed, so that an interrupted run has whole rows
     chosen = [(key, seed, select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None))

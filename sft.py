@@ -15,7 +15,7 @@ student start from it, so distilled data teaches reasoning rather than arithmeti
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
 by number of operations. Other scripts call `train_policy(records, cfg)` to train a
-student under a fixed budget and `training.accuracy(...)` to score it.
+student under a fixed budget and `model.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
@@ -32,11 +32,11 @@ import torch
 import task
 from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
                    encode_completion)
-from training import (file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint,
-                      make_checkpoint, pick_device, parse_config, print_config, read_jsonl,
-                      write_json_atomic, init_distributed, make_optimizer, train, pack, lm_batch_loss,
-                      target_lengths, accuracy, format_accuracy, check_options, require, check_writable,
-                      run_main, BadInput)
+from training import (file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
+                      pick_device, parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
+                      make_optimizer, train, pack, lm_batch_loss, target_lengths, check_options, require,
+                      check_writable, run_main, BadInput)
+from model import accuracy, format_accuracy
 
 
 @dataclass

@@ -283,7 +283,7 @@ def write_trajectory(rng, question, steps, cfg, flaw):
 
 
 def make_record(rng, cfg, idx, flaw=None):
-    """One pool record in the DESIGN §3 schema."""
+    """One pool record: {id, question, answer, thinking, response, meta}."""
     flaw = flaw or rng.choices(FLAWS, weights=cfg.flaw_rates())[0]
     while True:
         question, answer, steps = make_question(rng, cfg)

@@ -46,13 +46,13 @@ import torch
 
 import task
 import training
-from model import GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion
+from model import GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion, generate_and_verify
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
-                      generate_and_verify, check_options, require, check_writable, run_main, load_cache,
-                      skip_long_prompts, record_names, BadInput)
+                      check_options, require, check_writable, run_main, load_cache, skip_long_prompts,
+                      record_names, BadInput)
 from rfprm import (PRM, design_rewards, fuse_rewards, gated_fusion, relative_final, encode_for_prm, batch_of,
-                   prm_loss, untrained_scorer, arithmetic_accuracy)
+                   prm_loss, untrained_scorer, prm_tokens)
 
 
 @dataclass
@@ -259,6 +259,34 @@ def prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device):
     return batch_loss
 
 
+@torch.no_grad()
+def arithmetic_accuracy(gpt, tok, records, batch_size=64):
+    """The backbone's single-step arithmetic: over the computation lines ('a op b = c') of the
+    thinking that the expert judges right, the share whose result its language-model head
+    predicts exactly (greedy, each result token given the record up to it)."""
+    device = next(gpt.parameters()).device
+    hits = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        encoded = [prm_tokens(tok, r["question"], r["thinking"], r["response"], gpt.config.block_size)
+                   for r in chunk]
+        checked = []   # (row, end position) of the lines the expert judges right
+        for j, (r, e) in enumerate(zip(chunk, encoded)):
+            for t, (line, end) in enumerate(zip(r["thinking"], e["think"])):
+                if task.STEP_RE.search(str(line)) and task.judge(r["question"], r["thinking"][:t], line) == 1.0:
+                    checked.append((j, end))
+        idx, result_of = batch_of(encoded, tok.eot)
+        idx, result_of = idx.to(device), result_of.to(device)
+        B, T = idx.shape
+        is_result = result_of[:, 1:] >= 0
+        pred = gpt.lm_head(gpt.hidden(idx)[:, :-1][is_result]).argmax(-1) == idx[:, 1:][is_result]
+        rows = torch.arange(B, device=device)[:, None].expand(B, T - 1)[is_result]
+        exact = torch.ones(B * T, device=device).scatter_reduce(0, rows * T + result_of[:, 1:][is_result],
+                                                               pred.float(), "amin")   # every result token right
+        hits += [bool(exact[j * T + end]) for j, end in checked]
+    return sum(hits) / max(1, len(hits))
+
+
 def train_prm(cfg, records, tok, device, rank=0, world=1, probe=()):
     """Reward design (cached), then PRM training from the policy's weights. Returns the PRM.
 
@@ -387,11 +415,8 @@ def text_histogram(good, bad, bins=10, width=30):
 
 def save_histograms(all_scores, records, path):
     """The paper's score-overlap picture: clean vs flawed trajectory scores per scorer (PNG)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = training.pyplot()
+    if plt is None:
         return False
     # squeeze=False: a row of axes even for one scorer (--rows=response), not a bare Axes
     fig, axes = plt.subplots(1, len(all_scores), figsize=(3.2 * len(all_scores), 2.6), squeeze=False)
@@ -403,11 +428,7 @@ def save_histograms(all_scores, records, path):
         ax.hist(bad, bins=20, alpha=0.6, label="flawed")
         ax.set_title(name.strip(), fontsize=9)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return True
+    return training.save_png(fig, path, dpi=100)
 
 
 PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False}

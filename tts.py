@@ -1,11 +1,11 @@
 """
 Test-time scaling: Best-of-N with ReasonFlux-PRM against majority vote and baselines.
 
-    python tts.py                                   # ~1 minute on a 2-core CPU (51 s measured)
-    python tts.py --n_questions=500 --n_subsets=4000
+    python tts.py                                   # 500 questions x 32 samples
+    python tts.py --n_questions=1000 --n_subsets=4000
     python tts.py --prm_outcome=""                  # leave a baseline out
 
-Reproduces the paper's third use of the PRM (DESIGN §5): the policy samples N answers to
+Reproduces the paper's third use of the PRM: the policy samples N answers to
 a question, a chooser keeps one, and accuracy is plotted against N. Choosers:
 
   ReasonFlux-PRM      the sample with the highest total = mean(step) + α·trajectory
@@ -22,7 +22,7 @@ is then its mean over size-N subsets of those N_max samples: all of them when th
 most `n_subsets` (exact), otherwise `n_subsets` random subsets per question (Monte Carlo).
 All choosers see the same subsets, so their differences carry less noise than their levels.
 Ties are broken deterministically: the lowest sample index wins (for votes: the answer
-seen first). A sample's answer is read from its response (`Answer: N`), as training.accuracy does.
+seen first). A sample's answer is read from its response (`Answer: N`), as model.accuracy does.
 
 Where this departs from the paper:
   * the policy and the PRMs are the small models the earlier stages trained, on held-out
@@ -45,10 +45,11 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion
-from training import (generate_completions, load_checkpoint, model_from_checkpoint, pick_device, pack,
-                      parse_config, print_config, read_jsonl, write_json_atomic, format_eta, check_options,
-                      require, check_writable, run_main, skip_long_prompts, BadInput)
+import training
+from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_completions, format_eta
+from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
+                      read_jsonl, write_json_atomic, check_options, require, check_writable, run_main,
+                      skip_long_prompts, BadInput)
 from rfprm import load_prm, untrained_scorer
 
 
@@ -67,7 +68,7 @@ class TTSConfig:
     n_subsets: int = 1000          # subsets per question and N (all of them when fewer exist)
     temperature: float = 1.0
     max_new_tokens: int = 160      # the pool's longest record is ~140 tokens with its prompt
-    batch_size: int = 128          # rows per sampling batch: larger waits longer on the longest sample (measured)
+    batch_size: int = 128          # rows per sampling batch: a larger one waits longer on its longest sample
     seed: int = 1337
     device: str = ""
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
@@ -333,11 +334,8 @@ def text_plot(curves, ns, height=14):
 
 def save_figure(curves, ns, path):
     """Accuracy against N (log2 axis) as a PNG; False when matplotlib is not importable."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = training.pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, rows in curves.items():
@@ -348,11 +346,7 @@ def save_figure(curves, ns, path):
     ax.set_xlabel("N (samples per question)")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
-    return True
+    return training.save_png(fig, path, dpi=120)
 
 
 def checks(curves, per_question, ns):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from model import load_tokenizer, vocab_fingerprint
+from model import load_tokenizer, vocab_fingerprint, generate_completions
 import grpo
 import rfprm
 import select_data
@@ -387,7 +387,7 @@ def test_template_is_unchanged_on_trajectories_and_linear_on_long_ones():
 @torch.no_grad()
 def generate_completions_before(model, tok, prompts, temperature=0.0, max_new_tokens=None,
                                 batch_size=256, generator=None, top_k=None):
-    """training.generate_completions as it was before each row had its own budget: the reference."""
+    """generate_completions as it was before each row had its own budget: the reference."""
     from model import left_pad
     model.eval()
     block = model.config.block_size
@@ -419,7 +419,7 @@ def test_ordinary_batches_generate_exactly_as_before():
         for kwargs in (dict(), dict(max_new_tokens=12), dict(temperature=1.0, max_new_tokens=20),
                        dict(temperature=1.0), dict(temperature=0.8, top_k=5, max_new_tokens=16)):
             outs = []
-            for generate in (training.generate_completions, generate_completions_before):
+            for generate in (generate_completions, generate_completions_before):
                 g = torch.Generator().manual_seed(7) if kwargs.get("temperature") else None
                 outs.append(generate(model, tok, prompts, batch_size=4, generator=g, **kwargs))
             assert outs[0] == outs[1], kwargs
@@ -434,7 +434,7 @@ def test_each_row_has_its_own_budget_and_a_full_prompt_gets_nothing(capsys):
     generate = model.generate
     model.generate = lambda idx, new, **kw: calls.append((idx.size(0), idx.size(1), new)) or generate(idx, new, **kw)
     prompts = [[1] * 5, [2] * 28, [3] * 6, [4] * 40, [5] * 4]
-    outs = training.generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=8)
+    outs = generate_completions(model, tok, prompts, max_new_tokens=10, batch_size=8)
     # the three short prompts together with all 10 tokens, the 28-token prompt alone with the 4 left
     assert calls == [(3, 6, 10), (1, 28, 4)]
     assert outs[3] == [] and all(len(o) <= 10 for o in outs) and len(outs[1]) <= 4

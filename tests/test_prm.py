@@ -9,8 +9,8 @@ import torch
 
 from conftest import run_script
 from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
-from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
-                   arithmetic_accuracy)
+from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size)
+from train_prm import arithmetic_accuracy
 import train_prm
 
 
