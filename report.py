@@ -1,7 +1,7 @@
 """
 Gather every stage's results table into out/results.md (run.sh calls it last).
 
-    python report.py                 # reads out/*/results.json, out/logs/times.txt
+    python report.py                 # reads out/*/results.json and the like, out/logs/times.txt
     python report.py --out=out       # another output root
 
 Each table is formatted by the same function that printed it during the run, from the
@@ -21,6 +21,51 @@ import tts
 from training import run_main
 
 
+def sft_table(res, path):
+    return sft.format_comparison([os.path.dirname(path)]), ""
+
+
+def prm_table(pb, path):
+    note = f"{pb['n_eval']} held-out records; seconds per PRM: " + ", ".join(f"{k} {v:.0f}" for k, v in pb["seconds"].items())
+    return train_prm.format_table(pb["rows"]), note
+
+
+def select_table(sel, path):
+    cfg = select_data.SelectConfig(**sel["config"])
+    table = select_data.format_tables(sel["summary"], cfg, sel["pool_size"], sel["pool_composition"], sel["start"])
+    return table, f"seeds {sel['seeds']}; {sel['seconds']['total']:.0f}s"
+
+
+def grpo_table(rl, path):
+    runs = rl.get("runs", [rl])   # a comparison (--variants/--seeds), or a single run
+    summary = rl.get("summary") or grpo.summarise(runs)
+    return grpo.format_table(summary, runs[0]["final"]["n"]), ""
+
+
+def tts_table(bon, path):
+    ns = [r["n"] for r in next(iter(bon["curves"].values()))]
+    return tts.format_table(bon["curves"], ns), f"{bon['n_questions']} questions x {bon['n_samples']} samples"
+
+
+# run.sh's stages in order: (name, title, command, what it writes under the output root, its table, figure).
+# prepare writes the data set outside the output root: times.txt alone says it ran.
+STAGES = [
+    ("prepare", "Data", "python data/arith/prepare.py", None, None, None),
+    ("base", "Base model", "python sft.py --pretrain --out_dir=out/base", "base/ckpt.pt", None, None),
+    ("policy", "SFT: the policy", "python sft.py --init=out/base/ckpt.pt --out_dir=out/policy",
+     "policy/eval.json", sft_table, None),
+    ("start", "SFT: where selection's students start",
+     "python sft.py --init=out/base/ckpt.pt --max_steps=1000 --out_dir=out/start", "start/eval.json", sft_table, None),
+    ("prm", "Synthetic ProcessBench (train_prm.py)", "python train_prm.py --eval", "prm/processbench.json",
+     prm_table, "prm/score_histograms.png"),
+    ("select", "Offline data selection (select_data.py)", "python select_data.py", "select/results.json",
+     select_table, "select/select.png"),
+    ("grpo", "GRPO (grpo.py)", "python grpo.py --variants=rule,mix,mix@0.75 --seeds=3", "grpo/results.json",
+     grpo_table, "grpo/grpo.png"),
+    ("tts", "Best-of-N (tts.py)", "python tts.py", "tts/results.json", tts_table, "tts/tts.png"),
+]
+
+
 def stage_times(root):
     """{stage: seconds} from out/logs/times.txt (written by run.sh)."""
     path = os.path.join(root, "logs", "times.txt")
@@ -29,77 +74,41 @@ def stage_times(root):
     return {name: int(sec) for name, sec in (line.split() for line in open(path) if line.strip())}
 
 
-def load(path):
-    return json.load(open(path)) if os.path.exists(path) else None
-
-
-def section(root, title, command, table, figure=None, note=""):
-    """One markdown section: the command, the table as printed, the figure when there is one.
-
-    figure is a path under the output root, where results.md is written."""
-    out = [f"## {title}", "", f"`{command}`", ""]
-    out += ["```", table.strip("\n"), "```", ""] if table else ["(not run yet)", ""]
-    if note:
-        out += [note, ""]
-    if figure and os.path.exists(os.path.join(root, figure)):
-        out += [f"![{title}]({figure})", ""]
-    return out
-
-
-def sections(root):
-    """The report's sections, stage by stage, in run.sh order."""
-    p = lambda *parts: os.path.join(root, *parts)
-    out = []
-
-    runs = [d for d in (p("sft_clean"), p("policy")) if os.path.exists(os.path.join(d, "eval.json"))]
-    out += section(root, "SFT: the policy", "python sft.py --init=out/base/ckpt.pt --subset=all --out_dir=out/policy",
-                   sft.format_comparison(runs) if runs else "")
-
-    pb = load(p("prm", "processbench.json"))
-    note = ""
-    if pb:
-        note = (f"{pb['n_eval']} held-out records; seconds per PRM: "
-                + ", ".join(f"{k} {v:.0f}" for k, v in pb["seconds"].items()))
-    out += section(root, "Synthetic ProcessBench (train_prm.py)", "python train_prm.py --eval",
-                   train_prm.format_table(pb["rows"]) if pb else "", "prm/score_histograms.png", note)
-
-    sel = load(p("select", "results.json"))
-    if sel:
-        cfg = select_data.SelectConfig(**sel["config"])
-        table = select_data.format_tables(sel["summary"], cfg, sel["pool_size"], sel["pool_composition"], sel["start"])
-    out += section(root, "Offline data selection (select_data.py)", "python select_data.py",
-                   table if sel else "", "select/select.png",
-                   f"seeds {sel['seeds']}; {sel['seconds']['total']:.0f}s" if sel else "")
-
-    rl = load(p("grpo", "results.json"))
-    out += section(root, "GRPO (grpo.py)", "python grpo.py --variants=rule,mix --seeds=3",
-                   grpo.format_table(rl["summary"], rl["runs"][0]["final"]["n"]) if rl and "summary" in rl else "",
-                   "grpo/grpo.png")
-
-    bon = load(p("tts", "results.json"))
-    if bon:
-        ns = [r["n"] for r in next(iter(bon["curves"].values()))]
-    out += section(root, "Best-of-N (tts.py)", "python tts.py",
-                   tts.format_table(bon["curves"], ns) if bon else "", "tts/tts.png",
-                   f"{bon['n_questions']} questions x {bon['n_samples']} samples" if bon else "")
-    return out
+def report(root):
+    """The lines of results.md: every stage's status and time, then each table stage's section."""
+    times = stage_times(root)
+    ran = {name: os.path.exists(os.path.join(root, out)) if out else name in times for name, _, _, out, _, _ in STAGES}
+    lines = ["# rfprm results", "", "Every table below is what the stage printed in this run (`bash run.sh`).", "",
+             "| stage | status | wall time (s) |", "|---|---|---|"]
+    lines += [f"| {name} | {'done' if ran[name] else 'missing'} | {times.get(name, '')} |" for name, *_ in STAGES]
+    if times:
+        lines += ["", f"Total wall time: {sum(times.values()) / 60:.1f} min."]
+    lines.append("")
+    for name, title, command, out, table_of, figure in STAGES:
+        if table_of is None:
+            continue
+        lines += [f"## {title}", "", f"`{command}`", ""]
+        if not ran[name]:
+            lines += [f"(missing: stage `{name}` has not written {out} yet)", ""]
+            continue
+        path = os.path.join(root, out)
+        table, note = table_of(json.load(open(path)), path)
+        lines += ["```", table.strip("\n"), "```", ""] + ([note, ""] if note else [])
+        if figure and os.path.exists(os.path.join(root, figure)):
+            lines += [f"![{title}]({figure})", ""]
+    return lines
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     root = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "out")
-    times = stage_times(root)
-    lines = ["# rfprm results", "", "Every table below is what the stage printed in this run (`bash run.sh`).", ""]
-    if times:
-        lines += ["Wall time per stage (s): " + ", ".join(f"{k} {v}" for k, v in times.items()) +
-                  f"; total {sum(times.values()) / 60:.1f} min.", ""]
-    lines += sections(root)
     path = os.path.join(root, "results.md")
     os.makedirs(root, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(report(root)) + "\n")
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

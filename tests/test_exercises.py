@@ -1,18 +1,26 @@
-"""The README's exercises: every flag exists, and the cheap ones run in --smoke here.
+"""The README's exercises, each run small (--smoke, the smoke fixtures) and checked on a
+property of its result that would not hold if the option were ignored.
 
-The GRPO (β = 0) and selection (response-only PRM) exercises run in test_grpo.py and
-test_select_data.py, whose smoke runs use exactly those options.
+The PRM options are checked on the training labels they produce (train_prm.targets_for, on
+the reward design the smoke_prms fixture cached), then end to end: a PRM without coherence
+trains and Best-of-N reads it.
 """
 
 import importlib.util
 import json
 import os
 
-from conftest import run_script, ROOT
-from training import parse_config
+import pytest
+import torch
+
+from conftest import run_script, data_args, ROOT
+from model import Tok, load_tokenizer, encode_prompt, encode_completion
+from rfprm import load_prm, fuse_rewards, gated_fusion
+from training import parse_config, read_jsonl, load_checkpoint, skip_long_prompts, file_digest
 import grpo
 import select_data
 import sft
+import task
 import train_prm
 import tts
 
@@ -22,27 +30,124 @@ prepare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prepare)
 
 
-def test_every_exercise_flag_parses():
-    assert parse_config(train_prm.PRMConfig, ["--fuse=align,quality"]).fuse == "align,quality"
-    assert parse_config(train_prm.PRMConfig, ["--coherence=prob"]).coherence == "prob"
-    assert parse_config(train_prm.PRMConfig, ["--judge_noise=0.5"]).judge_noise == 0.5
-    assert parse_config(tts.TTSConfig, ["--prm=out/prm_nocoh/ckpt.pt"]).prm == "out/prm_nocoh/ckpt.pt"
-    assert grpo.parse_variant("mix@0", grpo.GRPOConfig()).beta == 0.0
-    assert parse_config(select_data.SelectConfig, ["--selectors=random,response_prm,rf_total"]).selectors
-    assert parse_config(prepare.PrepareConfig, ["--flaw_scale=2"]).flaw_scale == 2.0
+def prm_targets(smoke_data, smoke_policy, cache_dir, *options):
+    """train_prm.py's per-record targets under `options`, on the records its main would read."""
+    cfg = parse_config(train_prm.PRMConfig, ["--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/train.jsonl",
+                                             f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                                             f"--cache_dir={cache_dir}", *options], train_prm.PRESETS)
+    tok = Tok(load_tokenizer(cfg.tokenizer))
+    records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
+    block = load_checkpoint(cfg.policy, kind="policy", enc=tok.enc)["model_args"]["block_size"]
+    records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block)
+    return train_prm.targets_for(cfg, records, tok), records, cfg
+
+
+def flat(per_record):
+    return torch.tensor([v for rec in per_record for v in rec])
+
+
+@pytest.fixture(scope="module")
+def design(smoke_data, smoke_policy, smoke_prms):
+    """The smoke reward design (cached by the smoke_prms fixture) and its cache folder."""
+    cache = smoke_prms["fused"].parent.parent / "rewards"
+    _, records, cfg = prm_targets(smoke_data, smoke_policy, cache)
+    path = cache / f"design-{train_prm.cache_key(cfg, [cfg.data, cfg.policy], train_prm.DESIGN_KEYS)}.pt"
+    d = torch.load(path, weights_only=True)
+    assert len(d["quality"]) == len(records)
+    return d, cache
+
+
+def test_without_coherence_the_labels_do_not_read_coherence(smoke_data, smoke_policy, design):
+    d, cache = design
+    a, q, c = flat(d["align"]), flat(d["quality"]), flat(d["coherence_logprob"])
+    nocoh = flat(t["step"] for t in prm_targets(smoke_data, smoke_policy, cache, "--fuse=align,quality")[0])
+    assert nocoh.tolist() == pytest.approx(gated_fusion(fuse_rewards(a, q)[0], q).tolist(), abs=1e-6)
+    default = flat(t["step"] for t in prm_targets(smoke_data, smoke_policy, cache)[0])
+    assert default.tolist() == pytest.approx(gated_fusion(fuse_rewards(a, q, c)[0], q).tolist(), abs=1e-6)
+    assert not torch.allclose(nocoh, default), "dropping coherence changes the labels"
+
+
+def test_coherence_as_a_probability_gets_more_weight(smoke_data, smoke_policy, design):
+    d, cache = design
+    a, q, c = flat(d["align"]), flat(d["quality"]), flat(d["coherence_logprob"])
+    prob = flat(t["step"] for t in prm_targets(smoke_data, smoke_policy, cache, "--coherence=prob")[0])
+    assert prob.tolist() == pytest.approx(gated_fusion(fuse_rewards(a, q, c.exp())[0], q).tolist(), abs=1e-6)
+    coh_prob = flat(t["step"] for t in prm_targets(smoke_data, smoke_policy, cache, "--labels=coherence",
+                                                   "--coherence=prob")[0])
+    coh_logp = flat(t["step"] for t in prm_targets(smoke_data, smoke_policy, cache, "--labels=coherence")[0])
+    assert (coh_logp <= 0).all() and torch.allclose(coh_prob, coh_logp.exp()) and (coh_prob <= 1).all()
+    # e^x > x: every step's softmax weight on coherence grows (the README's ~5% -> ~25%)
+    w_logp, w_prob = fuse_rewards(a, q, c)[1][:, 2], fuse_rewards(a, q, c.exp())[1][:, 2]
+    assert (w_prob > w_logp).all() and d["fusion_weights"]["prob"][2] > d["fusion_weights"]["logprob"][2]
+
+
+def test_a_noisier_expert_blurs_every_quality_label(smoke_data, smoke_policy, tmp_path):
+    targets, records, _ = prm_targets(smoke_data, smoke_policy, tmp_path, "--judge_noise=0.5", "--n_train=6",
+                                      "--labels=quality")
+    judge = [task.judge(r["question"], r["thinking"][:t], line, r["response"])
+             for r in records for t, line in enumerate(r["thinking"])]
+    noisy = [v for t in targets for v in t["step"]]
+    assert len(noisy) == len(judge) > 6
+    # r_qual = 0.5·judge + 0.5·U(0, 1): in [judge/2, judge/2 + 1/2], and never the clean verdict itself
+    assert all(j / 2 <= v <= j / 2 + 0.5 for v, j in zip(noisy, judge)), (noisy, judge)
+    assert all(v != j for v, j in zip(noisy, judge)), (noisy, judge)
+
+
+def test_prm_without_coherence_then_best_of_n_with_it(smoke_data, smoke_policy, smoke_prms, design, tmp_path):
+    _, cache = design
+    out = run_script("train_prm.py", "--smoke", "--fuse=align,quality", f"--policy={smoke_policy}",
+                     f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+                     f"--out_dir={tmp_path / 'prm_nocoh'}", f"--cache_dir={cache}")
+    assert "reward design: reusing" in out.stdout, "--fuse picks from the same design, it does not redo it"
+    nocoh = torch.load(tmp_path / "prm_nocoh" / "ckpt.pt", weights_only=True)["model"]
+    fused = torch.load(smoke_prms["fused"], weights_only=True)["model"]
+    assert nocoh.keys() == fused.keys() and any(not torch.equal(nocoh[k], fused[k]) for k in fused), \
+        "other labels, same seed: other weights"
+    # Best-of-N reads the PRM --prm names: pointed at the same file as the response-only row, the two rows agree
+    run_script("tts.py", "--smoke", f"--policy={smoke_policy}", f"--prm={tmp_path / 'prm_nocoh' / 'ckpt.pt'}",
+               f"--prm_response={tmp_path / 'prm_nocoh' / 'ckpt.pt'}", "--prm_outcome=",
+               f"--out_dir={tmp_path / 'tts'}", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
+               f"--test={smoke_data}/test.jsonl")
+    curves = json.loads((tmp_path / "tts" / "results.json").read_text())["curves"]
+    assert "outcome scorer" not in curves
+    assert curves["ReasonFlux-PRM"] == curves["response-only PRM"]
+
+
+def test_beta_zero_rewards_the_rule_alone(smoke_prms):
+    prm = load_prm(str(smoke_prms["fused"]), "cpu")
+    tok = prm.tok
+    q = {"question": "2 + 3 * 4", "answer": 14}
+    comps = [encode_completion(tok, ["first, 3 * 4 = 12", "then 2 + 12 = 14"],
+                               ["1. 3 * 4 = 12", "2. 2 + 12 = 14", "Answer: 14"]),
+             encode_completion(tok, ["2 + 3 = 5", "5 * 4 = 20"], ["Answer: 20"])]
+    zero = grpo.parse_variant("mix@0", grpo.GRPOConfig())
+    rew = grpo.reward_batch(tok, comps, [q, q], [True, False], prm, zero)
+    assert rew["prm"] is not None and (rew["prm"] > 0).all(), "the PRM is read"
+    assert rew["reward"].tolist() == rew["rule"].tolist() == [1.0, 0.0]
+    mix = grpo.reward_batch(tok, comps, [q, q], [True, False], prm, grpo.parse_variant("mix", grpo.GRPOConfig()))
+    assert mix["reward"].tolist() != [1.0, 0.0]
+
+
+def test_selection_with_the_response_only_prm(smoke_data, smoke_base, smoke_prms, tmp_path):
+    out = tmp_path / "select"
+    run_script("select_data.py", "--smoke", "--selectors=random,response_prm,rf_total", "--seeds=1",
+               f"--init={smoke_base}", f"--prm={smoke_prms['fused']}", f"--prm_response={smoke_prms['mc']}",
+               f"--out_dir={out}", *data_args(smoke_data, "pool.jsonl"))
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["summary"]) == ["random", "response_prm", "rf_total"]
+    # each top-K selector kept the K best records by its own PRM's total (the scores cached in out_dir)
+    pool = f"{smoke_data}/pool.jsonl"
+    for key, ckpt, name in (("response_prm", smoke_prms["mc"], "response-only"),
+                            ("rf_total", smoke_prms["fused"], "reasonflux-prm")):
+        totals = torch.load(out / f"scores-{file_digest(pool)}-{file_digest(str(ckpt))}-{name}.pt")[:, 1].tolist()
+        assert res["summary"][key]["runs"][0]["selected"] == select_data.top_k(totals, res["k"]), key
+    assert res["summary"]["response_prm"]["runs"][0]["selected"] != res["summary"]["rf_total"]["runs"][0]["selected"]
 
 
 def test_double_the_flaw_rate_halves_the_clean_share(tmp_path):
     run_script("data/arith/prepare.py", "--smoke", "--flaw_scale=2", f"--out_dir={tmp_path}")
     flaws = [json.loads(l)["meta"]["flaw"] for l in open(tmp_path / "pool.jsonl")]
     assert 0.15 < flaws.count("clean") / len(flaws) < 0.35  # 0.40 / (0.40 + 2 * 0.60) = 25%
-
-
-def test_prm_without_coherence_runs(smoke_data, smoke_policy, tmp_path):
-    out = run_script("train_prm.py", "--smoke", "--fuse=align,quality", f"--policy={smoke_policy}",
-                     f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
-                     f"--out_dir={tmp_path / 'prm'}", f"--cache_dir={tmp_path / 'rewards'}")
-    assert (tmp_path / "prm" / "ckpt.pt").exists() and "step" in out.stdout
 
 
 def test_gpu_preset_scales_every_stage_up():

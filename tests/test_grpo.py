@@ -232,6 +232,19 @@ def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_p
     assert set(res["summary"]) == {"rule", "mix β=0"}
     assert all(s["n"] == 2 for s in res["summary"].values())
     assert (out / "rule" / "seed1338" / "ckpt.pt").exists()
+    # β = 0 is the rule reward alone (reward_batch: (1 − 0)·rule + 0·prm): with the same seed the
+    # two runs take the same steps, so everything but the logged PRM mean agrees exactly
+    assert res["summary"]["rule"]["finals"] == res["summary"]["mix β=0"]["finals"]
+    for seed in ("seed1337", "seed1338"):
+        rule = [json.loads(l) for l in (out / "rule" / seed / "metrics.jsonl").read_text().splitlines()]
+        mix0 = [json.loads(l) for l in (out / "mix_b0" / seed / "metrics.jsonl").read_text().splitlines()]
+        assert [r.get("prm") for r in rule if "reward" in r] == [None, None]
+        assert all(0.0 <= r["prm"] <= 1.0 for r in mix0 if "reward" in r), "the mix run did score with the PRM"
+        drop = lambda rows: [{k: v for k, v in r.items() if k != "prm"} for r in rows]
+        assert drop(rule) == drop(mix0), seed
+        a = torch.load(out / "rule" / seed / "ckpt.pt", weights_only=True)["model"]
+        b = torch.load(out / "mix_b0" / seed / "ckpt.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), seed
     with pytest.raises(ValueError, match="unknown variant"):
         grpo.parse_variant("best", grpo.GRPOConfig())
 

@@ -56,8 +56,19 @@ def test_parsers_never_raise_on_garbage(seed):
         lines = s.split("\n")
         assert 0.0 <= task.judge(s, lines, s, lines) <= 1.0
         assert 0.0 <= task.judge("3 + 4", lines, s) <= 1.0
-        assert isinstance(task.template(lines), list)
-        assert task.follow_template(task.template(lines)) is None or True
+        # a step buried in garbage is still read: the template has an operation to follow
+        cut = rng.randint(0, len(s))
+        step = f"{rng.randint(-99, 999)} {rng.choice('+-*')} {rng.randint(0, 999)} = {rng.randint(0, 999)}"
+        buried = lines + [(s[:cut] + step + s[cut:]).replace("\n", " ")]
+        for thinking in (lines, buried):
+            plan = task.template(thinking)
+            done = task.follow_template(plan)
+            # a template is always executable: None only when it is empty (the numbers here are
+            # far too short to overflow); else one line per operation, then an answer it verifies
+            assert (done is None) == (not plan), (thinking, plan, done)
+            if done:
+                assert len(done) == len(plan) + 1 and task.verify("\n".join(done), int(done[-1][len("Answer: "):]))
+        assert plan, buried
         assert task.verify(s, 7) in (True, False)
         assert task.verify(s, "not a number") is False
         assert task.follow_template([s]) is None or isinstance(task.follow_template([s]), list)
