@@ -26,10 +26,8 @@ Known variants, one flag each:
   --process=true        process supervision (DeepSeekMath §4.1.3, beyond the paper): the PRM's per-step scores,
                         normalised over the group, summed as a reward-to-go into each token's advantage
 
-Pitfall: with μ = 1 (the default) π_old = π_θ, so the ratio is exactly 1, nothing is clipped, and
-the printed loss sits near zero (it is −mean Â plus a small KL term; with token averaging mean Â
-is not exactly 0). The gradient is the plain policy gradient all the same: watch reward and
-accuracy, not the loss.
+Pitfall: with μ = 1 (the default) π_old = π_θ, so the ratio is exactly 1, nothing is clipped and the
+printed loss sits near zero; the gradient is the plain policy gradient all the same: watch reward and accuracy.
 
 Where this departs from, or simplifies, GRPO and the paper:
   * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
@@ -54,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import training
-from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_and_verify, format_eta,
+from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_and_verify, format_eta,
                    accuracy)
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
@@ -72,11 +70,11 @@ class GRPOConfig:
     tokenizer: str = DEFAULT_VOCAB
     # reward
     reward: str = "mix"                  # rule | prm | mix
-    beta: float = 0.25                   # weight of the PRM term in mix (the least harmful of the sweep, README)
+    beta: float = 0.75                   # weight of the PRM term in mix (the paper's RL code)
     alpha: float = 1.0                   # the PRM's total = mean(step) + α·trajectory; 0: the step score alone
     process: bool = False                # process supervision from the PRM's step scores
     # GRPO
-    max_steps: int = 150
+    max_steps: int = 100
     questions_per_step: int = 8          # Q
     group_size: int = 8                  # G completions per question
     mu: int = 1                          # optimisation passes per rollout batch
@@ -98,7 +96,7 @@ class GRPOConfig:
     # several runs: "rule,mix,mix@0.5,process" x seeds seed, seed+1, ...; prints mean ± std
     variants: str = ""
     seeds: int = 1
-    workers: int = 1                     # runs at a time, each in a process of one thread (training.map_in_processes)
+    workers: int = 2                     # runs at a time, each in a process of one thread (training.map_in_processes)
     # evaluation, logging, checkpoints
     eval_every: int = 25
     eval_questions: int = 200            # greedy accuracy on the first test questions, during training
@@ -112,8 +110,8 @@ class GRPOConfig:
     smoke: bool = False
 
 
-GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=500)  # larger groups, longer
-SMOKE = dict(max_steps=4, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
+GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=500, workers=1)  # larger groups, longer
+SMOKE = dict(max_steps=4, workers=1, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
              eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options): a group of 1 has no advantage to learn
@@ -343,12 +341,7 @@ def reward_batch(tok, comps, qs, right, prm, cfg):
     rule = torch.tensor(right, dtype=torch.float)
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
-        records = []
-        for c, q in zip(comps, qs):
-            thinking, response = split_completion(tok, c)
-            records.append({"question": q["question"], "thinking": thinking,
-                            "response": [l for l in response.split("\n") if l.strip()]})
-        scores = prm.score(records)   # sorted by length inside: small batches pad little
+        scores = prm.score([completion_record(tok, q["question"], c) for c, q in zip(comps, qs)])   # sorted by length inside: small batches pad little
         total = [prm_total(s, cfg.alpha, prm.with_response) for s in scores]   # this run's α, not the checkpoint's
         prm_r = torch.tensor(total) / total_range(cfg.alpha, prm.with_response)   # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
@@ -373,11 +366,6 @@ def advantages_for(Y, rew, tok, tables, cfg):
 
 # ----------------------------------------------------------------------------
 # the training loop
-
-
-def evaluate(model, tok, questions):
-    """Held-out greedy accuracy (model.accuracy)."""
-    return accuracy(model, tok, questions)
 
 
 def show_samples(tok, qs, comps, rew, group_size, k=3):
@@ -462,9 +450,9 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
     same_sets = eval_qs == final_qs   # then one evaluation serves both the curve and the table
     if start_eval is None:
-        start_eval = evaluate(ref_model, tok, final_qs)
+        start_eval = accuracy(ref_model, tok, final_qs)
     if start == 0:
-        log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else evaluate(model, tok, eval_qs)["acc"]})
+        log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
 
     t0 = time.time()
     for step in range(start, cfg.max_steps):
@@ -485,16 +473,16 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             show_samples(tok, qs, comps, rew, cfg.group_size)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            acc = evaluate(model, tok, eval_qs)["acc"]
+            acc = accuracy(model, tok, eval_qs)["acc"]
             log_metrics({"step": step + 1, "test_acc": acc})
             print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, greedy)")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
                                                        optimizer=optimizer.state_dict(), step=step + 1))
 
-    final = evaluate(model, tok, final_qs)
+    final = accuracy(model, tok, final_qs)
     if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
-        log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else evaluate(model, tok, eval_qs)["acc"]})
+        log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
     print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
           f"({len(final_qs)} questions, greedy), {time.time() - t0:.0f}s")
     result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
@@ -632,7 +620,7 @@ def main(argv=None):
         return one_run(cfg, tok, questions, test, None)[0]
 
     # several runs: out_dir/<variant>/seed<k>/, the starting policy evaluated once
-    start_eval = evaluate(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
+    start_eval = accuracy(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
                           tok, test[:cfg.final_questions])
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
     jobs = []

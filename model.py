@@ -440,6 +440,13 @@ def split_completion(tok, ids):
     return thinking, decode(resp_ids)
 
 
+def completion_record(tok, question, ids):
+    """A generated completion as the record a PRM reads: {question, thinking, response}, one
+    step per non-blank line (split_completion)."""
+    thinking, response = split_completion(tok, ids)
+    return {"question": question, "thinking": thinking, "response": [l for l in response.split("\n") if l.strip()]}
+
+
 # ----------------------------------------------------------------------------
 # generation checked against the answer key: the course's one generate-then-verify loop
 

@@ -1,11 +1,8 @@
 """
-rfprm: the whole ReasonFlux-PRM (Zou et al., 2025, arXiv 2506.18896) in one file — its rewards,
-the reward design over records, the PRM with its readout and loss, and a command that shows
-what a trained PRM thinks of each step.
-
-ReasonFlux-PRM scores every step of a reasoning model's thinking trajectory and the trajectory
-as a whole. It is trained on rewards designed from trajectory-response pairs (question x,
-thinking steps s_1..s_T, final response a_1..a_J):
+rfprm: the whole ReasonFlux-PRM (Zou et al., 2025, arXiv 2506.18896) in one file: its rewards,
+the reward design over records, the PRM with its readout, loss and total, and a command that
+shows what a trained PRM thinks of each step. For a question x, thinking steps s_1..s_T and a
+final response a_1..a_J:
 
     r_align(t) = max_j cos(Φ(s_t), Φ(a_j))                                alignment_reward
     r_qual(t)  = judge(x, s_<t, s_t, a)                                     task.judge (the expert)
@@ -16,17 +13,13 @@ thinking steps s_1..s_T, final response a_1..a_J):
     L          = λ_step mean_t (R_φ(t) − r_step(t))² + λ_final (R_φ(x, s, a) − r_final)²   prm_loss
     total      = mean_t R_φ(t) + α · R_φ(x, s, a)                            prm_total
 
-Four defaults depart from the paper so that its idea works at this scale. Each is named in
-the docstring of the function that implements it; its paper form is one option of
-train_prm.py away and a row of its ProcessBench table:
-
- 1. readout (PRM):     R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t how surprised the backbone's own
-                       language-model head is by the tokens of step t's result (step_surprise);
- 2. fusion:            the expert's verdict decides the band, the paper's fusion ranks within
-                       it (gated_fusion), so a step judged wrong never outranks one judged right;
+Four defaults depart from the paper so that its idea works at this scale; each is named in the
+docstring of its function, and its paper form is an option of train_prm.py and a row of its table:
+ 1. readout: R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t the surprise of the PRM's own LM head at step
+    t's result (PRM, step_surprise);
+ 2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (gated_fusion);
  3. trajectory reward: r_final relative to the policy's own success on the question (relative_final);
- 4. response steps:    the PRM is also trained on the expert's judgement of each response step,
-                       and the total averages them with the thinking steps (prm_total).
+ 4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
 
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """

@@ -93,7 +93,7 @@ class SelectConfig:
     smoke: bool = False
 
 
-GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000)  # longer students, more seeds
+GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000, workers=1)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, workers=1, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options); 0 batches would loop forever

@@ -15,10 +15,12 @@ step label where each step ends and the trajectory label at the end of the recor
 
 Every row of the table is one set of options away (VARIANTS):
   ReasonFlux-PRM           our defaults: --fusion=gated --final=relative --readout=surprise --response=true
+                           --on_policy=true
   paper's fusion           --fusion=paper     the softmax fusion as written (rfprm.fuse_rewards)
   paper's trajectory rwd   --final=template   r_final itself, not relative to p_0
   paper's plain head       --readout=plain    R = σ(w·h + b)
   thinking steps only      --response=false   no response-step labels; the total over thinking steps
+  distilled records only   --on_policy=false  no policy samples among the training records (sample_records)
   alignment / quality / coherence only        one component as the step label (--labels=...)
   response-only PRM (MC)   --labels=mc        trained on final responses only, Math-Shepherd-style
                                               labels from Monte-Carlo rollouts of the policy
@@ -30,6 +32,7 @@ Every row of the table is one set of options away (VARIANTS):
 Where this departs from, or fills in for, the paper (its release has no PRM training code):
   * the four defaults named in rfprm.py's docstring (readout, fusion, trajectory reward,
     response steps), each a row of the table;
+  * the policy's own samples join the distilled records (sample_records), a row of the table;
   * Φ is a hashed TF-IDF bag of token uni/bigrams (or the policy's mean-pooled states);
     r_align takes the max over response steps instead of merging steps to pair them;
   * the loss is MSE on sigmoid scores, as the paper's formula, with λ_step = λ_final = 1.
@@ -46,7 +49,8 @@ import torch
 
 import task
 import training
-from model import GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion, generate_and_verify
+from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, encode_completion, generate_and_verify,
+                   completion_record)
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
                       check_options, require, check_writable, run_main, load_cache, skip_long_prompts,
@@ -65,6 +69,8 @@ class PRMConfig:
     init: str = ""                 # the PRM backbone's starting weights (empty: the policy's)
     tokenizer: str = DEFAULT_VOCAB
     n_train: int = 4000            # records given reward design and used for training
+    policy_samples: int = 2000     # + policy completions of the next records' questions, designed alike (ours)
+    on_policy: bool = True         # train on those samples too (ours); false: the distilled records only (the paper)
     # reward design
     labels: str = "fused"          # fused | align | quality | coherence | mc | outcome
     fusion: str = "gated"          # gated (ours, rfprm.gated_fusion) | paper (rfprm.fuse_rewards)
@@ -82,6 +88,8 @@ class PRMConfig:
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
     lm_coef: float = 0.5           # surprise readout: LM loss on the results of expert-approved steps (keeps ℓ sharp)
+    facts: str = "data/arith/facts.txt"
+    fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
     lam_step: float = 1.0
     lam_final: float = 1.0
     alpha: float = 1.0             # total = mean(step) + α·trajectory
@@ -108,11 +116,11 @@ class PRMConfig:
 
 
 GPU = dict(n_train=10000, max_steps=3000, batch_size=64, mc_records=5000)  # every record, trained longer
-SMOKE = dict(n_train=60, max_steps=6, batch_size=8, log_every=2, ckpt_every=3, n_rollouts=2,
+SMOKE = dict(n_train=60, policy_samples=20, max_steps=6, batch_size=8, log_every=2, ckpt_every=3, n_rollouts=2,
              mc_rollouts=2, mc_records=30, eval_records=80, warmup_steps=2)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options), and the values of a choice
-AT_LEAST = dict(n_train=1, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
+AT_LEAST = dict(n_train=1, policy_samples=0, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
                final=("relative", "template"), readout=("surprise", "plain"), encoder=("tfidf", "policy"),
@@ -144,7 +152,7 @@ def mc_response_labels(policy, tok, records, cfg):
     return labels
 
 
-DESIGN_KEYS = ("n_train", "encoder", "tau", "n_negatives", "n_rollouts", "judge_noise", "seed")
+DESIGN_KEYS = ("n_train", "policy_samples", "encoder", "tau", "n_negatives", "n_rollouts", "judge_noise", "seed")
 MC_KEYS = ("mc_records", "mc_rollouts", "seed")
 
 
@@ -184,29 +192,55 @@ def step_labels(cfg, design):
     return [c.tolist() for c in torch.split(fused, counts)]
 
 
-def targets_for(cfg, records, tok):
-    """Per-record training targets {"step", "response", "final"} for cfg's labels (cached design)."""
+def sample_records(policy, tok, questions, seed):
+    """One completion of the policy per question (temperature 1), as records with their answer.
+
+    Ours: the distilled records show the teacher's flaws, but in GRPO and Best-of-N the PRM
+    scores the policy's own completions, whose errors differ (an operand taken from the wrong
+    place, a step done twice). Designed like the distilled records (the expert judges every
+    step), they teach the PRM the errors it will meet. --on_policy=false leaves them out.
+    """
+    prompts = [encode_prompt(tok, q["question"]) for q in questions]
+    g = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    comps, _ = generate_and_verify(policy, tok, prompts, [q["answer"] for q in questions], 1.0, 160, 256, g,
+                                   "policy samples")
+    return [{"id": f"sample-{k}", **completion_record(tok, q["question"], c), "answer": q["answer"]}
+            for k, (q, c) in enumerate(zip(questions, comps))]
+
+
+def targets_for(cfg, records, questions, tok):
+    """The training records and their targets {"step", "response", "final", "approved"} for cfg's
+    labels, from the cached reward design over the distilled records and the policy's samples of
+    `questions`."""
     files = [cfg.data, cfg.policy]
     load_policy = lambda: model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc),
                                                 pick_device(cfg.device)).eval()
     if cfg.labels == "mc":
         path = os.path.join(cfg.cache_dir, f"mc-{cache_key(cfg, files, MC_KEYS)}.pt")
         mc = cached(path, lambda: {"response": mc_response_labels(load_policy(), tok, records[:cfg.mc_records], cfg)})
-        return [{"step": [], "response": lab, "final": float("nan"), "approved": []} for lab in mc["response"]]
+        return records[:len(mc["response"])], [{"step": [], "response": lab, "final": float("nan"), "approved": []}
+                                               for lab in mc["response"]]
+
+    def design():
+        policy = load_policy()
+        samples = sample_records(policy, tok, questions[:cfg.policy_samples], cfg.seed)
+        return {**design_rewards(records + samples, tok, policy, cfg.encoder, cfg.tau, cfg.n_negatives,
+                                 cfg.n_rollouts, cfg.judge_noise, cfg.seed), "samples": samples}
     path = os.path.join(cfg.cache_dir, f"design-{cache_key(cfg, files, DESIGN_KEYS)}.pt")
-    d = cached(path, lambda: design_rewards(records, tok, load_policy(), cfg.encoder, cfg.tau, cfg.n_negatives,
-                                            cfg.n_rollouts, cfg.judge_noise, cfg.seed))
+    d = cached(path, design)
+    records = records + (d["samples"] if cfg.on_policy else [])
+    d = {k: v[:len(records)] if isinstance(v, list) else v for k, v in d.items()}   # per-record lists
     if cfg.labels == "outcome":  # one label per record, at every read position
-        return [{"step": [o] * len(r["thinking"]), "response": [o] * len(r["response"]), "final": o, "approved": []}
-                for o, r in zip(d["outcome"], records)]
+        return records, [{"step": [o] * len(r["thinking"]), "response": [o] * len(r["response"]), "final": o,
+                          "approved": []} for o, r in zip(d["outcome"], records)]
     final = relative_final(d["final"], d["p0"]) if cfg.final == "relative" else d["final"]
     if cfg.lam_final == 0:
         final = [float("nan")] * len(records)
     response = d["response_quality"] if cfg.response else [[] for _ in records]
     # the steps the expert approved, thinking then response: the surprise readout's LM loss reads their results
     approved = [[q >= 0.5 for q in think + resp] for think, resp in zip(d["quality"], response)]
-    return [{"step": s, "response": a, "final": f, "approved": ok}
-            for s, a, f, ok in zip(step_labels(cfg, d), response, final, approved)]
+    return records, [{"step": s, "response": a, "final": f, "approved": ok}
+                     for s, a, f, ok in zip(step_labels(cfg, d), response, final, approved)]
 
 
 # ----------------------------------------------------------------------------
@@ -244,15 +278,46 @@ def pack_prm(records, targets, tok, mode, block_size):
     return ids, result_of, t_step, t_final, lm, torch.tensor([len(e["ids"]) for e in enc])
 
 
-def prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device):
-    """The PRM's loss on a batch: prm_loss, plus lm_coef × the LM loss when the readout reads ℓ."""
+def fact_stream(path, tok):
+    """The facts file as one token stream and, per position, whether the next token states a
+    result (it follows the line's ' ='): the LM targets of fact rows."""
+    with open(path, encoding="utf-8") as f:
+        ids = tok.enc.encode_ordinary("".join(l.strip() + "\n" for l in f if l.strip()))
+    eq, nl = tok.enc.encode_ordinary(" ="), tok.enc.encode_ordinary("\n")
+    target, inside = torch.zeros(len(ids), dtype=torch.bool), False
+    for p in range(1, len(ids)):   # once, before training
+        inside = (inside or ids[p - 1] == eq[-1]) and ids[p] != nl[-1]
+        target[p - 1] = inside
+    return torch.tensor(ids), target
+
+
+def with_fact_rows(X, R, TS, TF, LM, facts, n_rows, offset):
+    """The batch (B, L) with n_rows rows of arithmetic facts below it (ours): the facts' results are
+    LM targets, nothing else is read. Why: the policy's own slips are the facts its backbone gets
+    wrong, so a PRM that inherits that backbone cannot see them by surprise; facts keep its
+    language-model head a better calculator than the policy."""
+    ids, is_result = facts
+    L = X.size(1)
+    starts = (offset + torch.arange(n_rows) * 7919) % (len(ids) - L - 1)
+    pos = starts[:, None] + torch.arange(L)                                           # (n_rows, L)
+    lm = torch.where(is_result[pos], ids[pos + 1], -1)
+    nan = torch.full((n_rows, L), float("nan"))
+    return (torch.cat([X, ids[pos]]), torch.cat([R, torch.full((n_rows, L), -1)]), torch.cat([TS, nan]),
+            torch.cat([TF, nan]), torch.cat([LM, lm]))
+
+
+def prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device, facts=None):
+    """The PRM's loss on a batch: prm_loss, plus lm_coef × the LM loss when the readout reads ℓ
+    (on the results of approved steps and, given `facts`, of cfg.fact_rows rows of facts)."""
     lm_coef = cfg.lm_coef if cfg.readout == "surprise" else 0.0
 
     def batch_loss(model, idx):
         L = int(lengths[idx].max())
-        scores, lm_loss = model(ids[idx, :L].to(device), result_of[idx, :L].to(device),
-                                lm[idx, :L].to(device) if lm_coef else None)
-        loss = prm_loss(scores, t_step[idx, :L].to(device), t_final[idx, :L].to(device), cfg.lam_step, cfg.lam_final)
+        X, R, TS, TF, LM = ids[idx, :L], result_of[idx, :L], t_step[idx, :L], t_final[idx, :L], lm[idx, :L]
+        if lm_coef and facts is not None and cfg.fact_rows:   # the offset follows the batch: resumable
+            X, R, TS, TF, LM = with_fact_rows(X, R, TS, TF, LM, facts, cfg.fact_rows, int(idx.sum()))
+        scores, lm_loss = model(X.to(device), R.to(device), LM.to(device) if lm_coef else None)
+        loss = prm_loss(scores, TS.to(device), TF.to(device), cfg.lam_step, cfg.lam_final)
         if lm_loss is not None:
             loss = loss + lm_coef * lm_loss
         return loss, int(lengths[idx].sum())   # tokens read, for the tok/s of the log line
@@ -287,18 +352,18 @@ def arithmetic_accuracy(gpt, tok, records, batch_size=64):
     return sum(hits) / max(1, len(hits))
 
 
-def train_prm(cfg, records, tok, device, rank=0, world=1, probe=()):
+def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     """Reward design (cached), then PRM training from the policy's weights. Returns the PRM.
 
-    probe: records on which the backbone's single-step arithmetic is printed before and after.
+    records: the distilled training records; questions: those the policy answers for its samples
+    (sample_records); probe: records on which the backbone's single-step arithmetic is printed
+    before and after.
     """
     mode = "response_only" if cfg.labels == "mc" else "full"
-    targets = targets_for(cfg, records, tok) if rank == 0 or world == 1 else None
+    obj = [targets_for(cfg, records, questions, tok) if rank == 0 or world == 1 else None]
     if world > 1:  # rank 0 designed the rewards; everyone reads the cache
-        obj = [targets]
         torch.distributed.broadcast_object_list(obj, src=0)
-        targets = obj[0]
-    records = records[:len(targets)]   # the response-only baseline is labelled on fewer records
+    records, targets = obj[0]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
     prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout)
     prm.gpt.load_state_dict(model_from_checkpoint(init_ckpt).state_dict())
@@ -328,7 +393,8 @@ def train_prm(cfg, records, tok, device, rank=0, world=1, probe=()):
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     if start == 0 and rank == 0 and os.path.exists(metrics):
         os.remove(metrics)
-    training.train(model, prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device), lengths, cfg,
+    facts = fact_stream(cfg.facts, tok) if cfg.fact_rows and cfg.readout == "surprise" else None
+    training.train(model, prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device, facts), lengths, cfg,
                    device, rank, world, ckpt_fn=save, start_step=start, optimizer=optimizer, metrics_path=metrics)
     if probe and rank == 0:
         after = arithmetic_accuracy(prm.gpt, tok, probe)
@@ -431,13 +497,14 @@ def save_histograms(all_scores, records, path):
     return training.save_png(fig, path, dpi=100)
 
 
-PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False}
+PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "on_policy": False}
 VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table is a set of options
     ("ReasonFlux-PRM", "", {}),
     ("  paper's fusion", "_paper_fusion", {"fusion": "paper"}),
     ("  paper's trajectory rwd", "_paper_final", {"final": "template"}),
     ("  paper's plain head", "_plain", {"readout": "plain"}),
     ("  thinking steps only", "_thinking", {"response": False}),
+    ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),
     ("  alignment only", "_align", {"labels": "align"}),
     ("  quality only", "_quality", {"labels": "quality"}),
@@ -498,12 +565,16 @@ def main(argv=None):
         print_config(cfg)
     torch.manual_seed(cfg.seed)
     tok = Tok(load_tokenizer(cfg.tokenizer))
-    records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
+    records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
+    records, questions = records[:cfg.n_train], records[cfg.n_train:]   # the rest: questions for policy samples
     eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
     # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
     block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
                      for p in (cfg.policy, cfg.init or cfg.policy))
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
+    questions = skip_long_prompts(questions[:cfg.policy_samples],
+                                  [len(encode_prompt(tok, r["question"])) for r in questions[:cfg.policy_samples]],
+                                  block_size, "questions for policy samples")
     require(records, f"{cfg.data}: no record fits the policy's context")
     os.makedirs(cfg.out_dir, exist_ok=True)
     times, all_scores, rows = {}, {}, {}
@@ -518,7 +589,7 @@ def main(argv=None):
         else:
             vcfg = PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
             os.makedirs(vcfg.out_dir, exist_ok=True)
-            prm = train_prm(vcfg, records, tok, device, rank, world, probe if suffix == "" else ())
+            prm = train_prm(vcfg, records, questions, tok, device, rank, world, probe if suffix == "" else ())
         times[name.strip()] = time.time() - t0
         if rank == 0 and cfg.eval:
             all_scores[name] = prm.score(eval_records)

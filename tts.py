@@ -46,7 +46,7 @@ import torch
 
 import task
 import training
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, split_completion, generate_completions, format_eta
+from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_completions, format_eta
 from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
                       read_jsonl, write_json_atomic, check_options, require, check_writable, run_main,
                       skip_long_prompts, BadInput)
@@ -231,9 +231,8 @@ def to_records(tok, questions, comps, n_samples):
     records, answers, correct = [], [], []
     for k, c in enumerate(comps):
         q = questions[k // n_samples]
-        thinking, response = split_completion(tok, c)
-        records.append({"question": q["question"], "thinking": thinking,
-                        "response": [l for l in response.split("\n") if l.strip()]})
+        records.append(completion_record(tok, q["question"], c))
+        response = "\n".join(records[-1]["response"])
         answers.append(task.parse_answer(response))
         correct.append(task.verify(response, q["answer"]))
     return records, answers, correct

@@ -36,10 +36,12 @@ def prm_targets(smoke_data, smoke_policy, cache_dir, *options):
                                              f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                                              f"--cache_dir={cache_dir}", *options], train_prm.PRESETS)
     tok = Tok(load_tokenizer(cfg.tokenizer))
-    records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))[:cfg.n_train]
+    records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
+    records, questions = records[:cfg.n_train], records[cfg.n_train:]
     block = load_checkpoint(cfg.policy, kind="policy", enc=tok.enc)["model_args"]["block_size"]
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block)
-    return train_prm.targets_for(cfg, records, tok), records, cfg
+    records, targets = train_prm.targets_for(cfg, records, questions, tok)
+    return targets, records, cfg
 
 
 def flat(per_record):

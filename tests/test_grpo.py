@@ -215,7 +215,7 @@ def test_grpo_smoke_run_process_and_resume(smoke_data, smoke_policy, smoke_prms,
             assert math.isfinite(r[k]), k
     assert [r["step"] for r in rows if "test_acc" in r] == [0, 2, 4]
     res = json.loads((out / "results.json").read_text())
-    assert res["variant"] == "mix+process β=0.25" and 0.0 <= res["final"]["acc"] <= 1.0
+    assert res["variant"] == "mix+process β=0.75" and 0.0 <= res["final"]["acc"] <= 1.0
     # resume: two more steps from the checkpoint at step 4
     proc = run_script(*args, "--process=true", "--resume", "--max_steps=6")
     assert "resuming from" in proc.stdout and "step    5/6" in proc.stdout
@@ -273,5 +273,5 @@ def test_alpha_zero_rewards_the_step_score_alone(smoke_data, smoke_prms):
         traj = [s["trajectory"] for s in rew["scores"]]
         want = [(m + alpha * t) / (2 + alpha) for m, t in zip(steps, traj)]
         assert rew["prm"].tolist() == pytest.approx(want, abs=1e-6)
-    assert grpo.variant_name(grpo.GRPOConfig(reward="mix", alpha=0.0)) == "mix β=0.25 α=0"
+    assert grpo.variant_name(grpo.GRPOConfig(reward="mix", alpha=0.0)) == "mix β=0.75 α=0"
     assert grpo.variant_name(grpo.GRPOConfig(reward="rule", alpha=0.0)) == "rule"

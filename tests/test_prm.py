@@ -202,7 +202,7 @@ def prm_args(smoke_data, smoke_policy, tmp_path):
 def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
     args = prm_args(smoke_data, smoke_policy, tmp_path)
     first = run_script(*args, f"--out_dir={tmp_path / 'a'}")
-    assert "reusing" not in first.stdout and "rollouts without a template" in first.stdout
+    assert "reusing" not in first.stdout and "trajectory rewards in" in first.stdout
     second = run_script(*args, f"--out_dir={tmp_path / 'b'}")
     assert "reusing" in second.stdout
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
@@ -247,7 +247,7 @@ def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
         train_prm.main(["--rows=quality"])
     # every departure's paper form is a row, and the paper as written undoes all four
     paper = dict(next(v[2] for v in train_prm.VARIANTS if v[1] == "_paper"))
-    assert paper == {"fusion": "paper", "final": "template", "readout": "plain", "response": False}
+    assert paper == {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "on_policy": False}
     for key, value in paper.items():
         assert any(v[2] == {key: value} for v in train_prm.VARIANTS), key
 
@@ -282,3 +282,19 @@ def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, t
     assert f"1 of 20 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
     assert f"records longer than block_size=256, truncated: {rows[4]['id']}" in out
     assert (tmp_path / "prm" / "ckpt.pt").exists()
+
+
+def test_fact_rows_add_only_the_facts_results_to_the_lm_loss(tok, tmp_path):
+    path = tmp_path / "facts.txt"
+    path.write_text("3 + 4 = 7\n9 + 3 = 12\n" * 20)
+    ids, is_result = train_prm.fact_stream(str(path), tok)
+    predicted = tok.enc.decode([int(ids[p + 1]) for p in torch.nonzero(is_result).flatten()[:3]])
+    assert predicted == " 7 12"                      # the result tokens, and nothing else, are targets
+    B, L = 2, 12
+    X, R = torch.zeros(B, L, dtype=torch.long), torch.full((B, L), 3)
+    TS, TF, LM = torch.zeros(B, L), torch.zeros(B, L), torch.full((B, L), -1)
+    X2, R2, TS2, TF2, LM2 = train_prm.with_fact_rows(X, R, TS, TF, LM, (ids, is_result), 3, offset=5)
+    assert X2.shape == (5, L) and torch.equal(X2[:B], X) and torch.equal(R2[:B], R)
+    assert (R2[B:] == -1).all() and TS2[B:].isnan().all() and TF2[B:].isnan().all()   # nothing else is read
+    targets = LM2[B:][LM2[B:] >= 0]
+    assert len(targets) > 0 and set(tok.enc.decode([int(t)]).strip() for t in targets) <= set("0123456789")
