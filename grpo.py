@@ -4,8 +4,7 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
     python grpo.py                                    # one run, reward=mix
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
-    python grpo.py --variants=mix@0.25,mix@0.5,mix@0.75,prm --seeds=3   # the β sweep
-    python grpo.py --smoke
+    python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=3   # the β sweep
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
@@ -26,8 +25,8 @@ Known variants, one flag each:
   --process=true        process supervision (DeepSeekMath §4.1.3, beyond the paper): the PRM's per-step scores,
                         normalised over the group, summed as a reward-to-go into each token's advantage
 
-Pitfall: with μ = 1 (the default) π_old = π_θ, so the ratio is exactly 1, nothing is clipped and the
-printed loss sits near zero; the gradient is the plain policy gradient all the same: watch reward and accuracy.
+With μ = 1 (the default) π_old = π_θ: the ratio is 1, nothing is clipped and the printed loss sits
+near zero, yet the gradient is the policy gradient. Watch reward and accuracy, not the loss.
 
 Where this departs from, or simplifies, GRPO and the paper:
   * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
@@ -35,9 +34,8 @@ Where this departs from, or simplifies, GRPO and the paper:
   * log-probs at the sampling temperature τ (as sampled), no top-k, dropout off throughout;
   * the PRM term is the total over its largest value, so that it lies in [0, 1] like the rule reward (ours);
   * the PRM reads the completion decoded and split into lines (split_completion), as at test time;
-  * process supervision (ours, after DeepSeekMath): one reward per thinking line, read at the token
-    that ends it, plus α·R_φ(trajectory) at the last token; normalised over all steps of the group;
-    with reward=mix the token advantage is (1 − β)·Â_rule + β·(reward-to-go) (the paper has no such mix);
+  * process supervision (ours, after DeepSeekMath): a reward per thinking line at the token that ends
+    it, α·R_φ(trajectory) at the last; the token advantage is (1 − β)·Â_rule + β·(reward-to-go);
   * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; held-out greedy accuracy is the metric.
 """
 
@@ -45,7 +43,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, asdict, replace
 
 import torch
@@ -53,7 +50,7 @@ import torch.nn.functional as F
 
 import training
 from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_and_verify, format_eta,
-                   accuracy)
+                   accuracy, token_logprobs, thinking_step_ends, token_tables)
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
                       check_writable, run_main, BadInput, map_in_processes)
@@ -205,29 +202,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=
 # log-probs and one optimisation step
 
 
-def autocast_for(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-
-
-def token_logprobs(model, X, Y, temperature, with_entropy=False):
-    """log π(Y_t | X_≤t) at the sampling temperature (B, T), and the entropy per position (detached) if asked.
-
-    The sampler drew from softmax(logits / τ), so the ratio and the KL must use the same distribution.
-    Positions with Y = −1 get log-prob 0 (masked out by the caller).
-    """
-    with autocast_for(X.device):
-        logits, _ = model(X)                                              # (B, T, V)
-    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp_all.gather(-1, Y.clamp(min=0)[..., None]).squeeze(-1)     # (B, T)
-    logp = logp.masked_fill(Y < 0, 0.0)
-    ent = None
-    if with_entropy:
-        with torch.no_grad():
-            lp = logp_all.detach()
-            ent = -(lp.exp() * lp).sum(-1)                                # (B, T)
-    return logp, ent
-
-
 def length_chunks(Y, n_chunks):
     """Rows sorted by length, cut into n_chunks, each with the width its longest row needs.
 
@@ -281,33 +255,6 @@ def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
 
 # ----------------------------------------------------------------------------
 # rewards
-
-
-def token_tables(tok, vocab_size):
-    """Per token id: does it contain a newline, is it blank (what split_completion drops)."""
-    newline = torch.zeros(vocab_size, dtype=torch.bool)
-    blank = torch.ones(vocab_size, dtype=torch.bool)
-    for i in range(min(vocab_size, tok.eot)):  # once: the ordinary tokens
-        s = tok.enc.decode([i], errors="replace")
-        newline[i], blank[i] = "\n" in s, not s.strip()
-    return newline, blank
-
-
-def thinking_step_ends(Y, tok, tables):
-    """(B, T) True at the token that ends each non-blank thinking line, as split_completion splits them.
-
-    A line ends at a newline token or at <|/think|>; a line with no visible character is not a
-    step (split_completion drops it). Y is a target tensor (−1 outside the completion).
-    """
-    newline, blank = tables
-    ids, mask = Y.clamp(min=0), Y >= 0
-    is_end_think = (Y == tok.end_think)
-    in_think = mask & (is_end_think.long().cumsum(1) - is_end_think.long() == 0)   # up to </think> included
-    brk = in_think & (newline[ids] | is_end_think)
-    content = (in_think & ~blank[ids] & ~is_end_think).long().cumsum(1)              # visible tokens so far
-    at_last_break = torch.where(brk, content, 0).cummax(1).values
-    before = F.pad(at_last_break[:, :-1], (1, 0))                                    # at the previous break
-    return brk & (content > before)
 
 
 def process_inputs(Y, scores, alpha, tok, tables):

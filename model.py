@@ -22,6 +22,7 @@ import hashlib
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -440,6 +441,33 @@ def split_completion(tok, ids):
     return thinking, decode(resp_ids)
 
 
+def token_tables(tok, vocab_size):
+    """Per token id: does it contain a newline, is it blank (what split_completion drops)."""
+    newline = torch.zeros(vocab_size, dtype=torch.bool)
+    blank = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, tok.eot)):  # once: the ordinary tokens
+        s = tok.enc.decode([i], errors="replace")
+        newline[i], blank[i] = "\n" in s, not s.strip()
+    return newline, blank
+
+
+def thinking_step_ends(Y, tok, tables):
+    """(B, T) True at the token that ends each non-blank thinking line, as split_completion splits them.
+
+    A line ends at a newline token or at <|/think|>; a line with no visible character is not a
+    step (split_completion drops it). Y is a target tensor (−1 outside the completion).
+    """
+    newline, blank = tables
+    ids, mask = Y.clamp(min=0), Y >= 0
+    is_end_think = (Y == tok.end_think)
+    in_think = mask & (is_end_think.long().cumsum(1) - is_end_think.long() == 0)   # up to </think> included
+    brk = in_think & (newline[ids] | is_end_think)
+    content = (in_think & ~blank[ids] & ~is_end_think).long().cumsum(1)              # visible tokens so far
+    at_last_break = torch.where(brk, content, 0).cummax(1).values
+    before = F.pad(at_last_break[:, :-1], (1, 0))                                    # at the previous break
+    return brk & (content > before)
+
+
 def completion_record(tok, question, ids):
     """A generated completion as the record a PRM reads: {question, thinking, response}, one
     step per non-blank line (split_completion)."""
@@ -538,3 +566,30 @@ def accuracy(model, tok, questions, temperature=0.0, generator=None):
 def format_accuracy(name, res):
     ops = "  ".join(f"{k} ops {v:6.1%}" for k, v in res["by_ops"].items())
     return f"{name:<22} {res['acc']:6.1%}   {ops}"
+
+
+# ----------------------------------------------------------------------------
+# log-probabilities of given tokens at the sampling temperature (GRPO's ratio and KL)
+
+
+def autocast_for(device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
+
+
+def token_logprobs(model, X, Y, temperature, with_entropy=False):
+    """log π(Y_t | X_≤t) at the sampling temperature (B, T), and the entropy per position (detached) if asked.
+
+    The sampler drew from softmax(logits / τ), so the ratio and the KL must use the same distribution.
+    Positions with Y = −1 get log-prob 0 (masked out by the caller).
+    """
+    with autocast_for(X.device):
+        logits, _ = model(X)                                              # (B, T, V)
+    logp_all = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = logp_all.gather(-1, Y.clamp(min=0)[..., None]).squeeze(-1)     # (B, T)
+    logp = logp.masked_fill(Y < 0, 0.0)
+    ent = None
+    if with_entropy:
+        with torch.no_grad():
+            lp = logp_all.detach()
+            ent = -(lp.exp() * lp).sum(-1)                                # (B, T)
+    return logp, ent

@@ -8,9 +8,11 @@ Test-time scaling: Best-of-N with ReasonFlux-PRM against majority vote and basel
 Reproduces the paper's third use of the PRM: the policy samples N answers to
 a question, a chooser keeps one, and accuracy is plotted against N. Choosers:
 
-  ReasonFlux-PRM      the sample with the highest total = mean(step) + α·trajectory
+  ReasonFlux-PRM      the sample with the highest total (rfprm.prm_total)
   response-only PRM   the same rule with the baseline PRM trained on responses only (MC labels)
   outcome scorer      the same rule with the scorer trained on final-answer correctness only
+  confidence          the same rule with the policy's own lowest token log-probability per step
+  mean log-likelihood the sample the policy finds most likely, per token (untrained)
   majority vote       the most frequent parsed answer (unparsable answers do not vote)
   PRM-weighted vote   the answer with the largest sum of ReasonFlux-PRM totals
   random              one sample: pass@1, the same for every N
