@@ -32,7 +32,7 @@ import torch
 import task
 from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
                    encode_completion)
-from training import (file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
+from training import (read_lines, file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       pick_device, parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
                       make_optimizer, train, pack, lm_batch_loss, target_lengths, check_options, require,
                       check_writable, run_main, BadInput)
@@ -116,12 +116,7 @@ def build_examples(records, tok, template_frac=0.0, seed=0):
 
 def fact_examples(path, tok, block_size):
     """Facts packed into rows of about block_size tokens, every token a target."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [l.strip() for l in f if l.strip()]
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
-    ids = tok.enc.encode_ordinary("\n".join(lines) + "\n")
+    ids = tok.enc.encode_ordinary("\n".join(read_lines(path)) + "\n")
     step = block_size  # rows of block_size + 1 tokens, overlapping by one
     return [([], ids[i:i + step + 1]) for i in range(0, len(ids) - step, step)]
 

@@ -120,7 +120,7 @@ SMOKE = dict(n_train=60, policy_samples=20, max_steps=6, batch_size=8, log_every
              mc_rollouts=2, mc_records=30, eval_records=80, warmup_steps=2)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options), and the values of a choice
-AT_LEAST = dict(n_train=1, policy_samples=0, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
+AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
                final=("relative", "template"), readout=("surprise", "plain"), encoder=("tfidf", "policy"),
@@ -281,8 +281,7 @@ def pack_prm(records, targets, tok, mode, block_size):
 def fact_stream(path, tok):
     """The facts file as one token stream and, per position, whether the next token states a
     result (it follows the line's ' ='): the LM targets of fact rows."""
-    with open(path, encoding="utf-8") as f:
-        ids = tok.enc.encode_ordinary("".join(l.strip() + "\n" for l in f if l.strip()))
+    ids = tok.enc.encode_ordinary("".join(l + "\n" for l in training.read_lines(path)))
     eq, nl = tok.enc.encode_ordinary(" ="), tok.enc.encode_ordinary("\n")
     target, inside = torch.zeros(len(ids), dtype=torch.bool), False
     for p in range(1, len(ids)):   # once, before training
@@ -394,6 +393,8 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     if start == 0 and rank == 0 and os.path.exists(metrics):
         os.remove(metrics)
     facts = fact_stream(cfg.facts, tok) if cfg.fact_rows and cfg.readout == "surprise" else None
+    require(facts is None or len(facts[0]) > 2 * prm.config.block_size,
+            f"{cfg.facts}: too few facts for rows of {prm.config.block_size} tokens")
     training.train(model, prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device, facts), lengths, cfg,
                    device, rank, world, ckpt_fn=save, start_step=start, optimizer=optimizer, metrics_path=metrics)
     if probe and rank == 0:
@@ -576,6 +577,8 @@ def main(argv=None):
                                   [len(encode_prompt(tok, r["question"])) for r in questions[:cfg.policy_samples]],
                                   block_size, "questions for policy samples")
     require(records, f"{cfg.data}: no record fits the policy's context")
+    if cfg.fact_rows:
+        training.read_lines(cfg.facts)   # a bad facts file fails now, not after minutes of reward design
     os.makedirs(cfg.out_dir, exist_ok=True)
     times, all_scores, rows = {}, {}, {}
     # the backbone's arithmetic, measured on held-out records (the expert judges; meta is not read)

@@ -211,6 +211,20 @@ def record_problem(row, required):
     return None
 
 
+def read_lines(path):
+    """The non-blank lines of a UTF-8 text file, stripped (the arithmetic facts); BadInput otherwise."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such file (python data/arith/prepare.py writes it)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip()]
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not lines:
+        raise BadInput(f"{path}: expected lines of text, found none")
+    return lines
+
+
 def read_jsonl(path, required=("question", "answer")):
     """Read a jsonl file of records, checked: `required` keys, and the types of the keys a record
     has (RECORD_FIELDS). Anything wrong stops with a BadInput `path:line: what was expected`;

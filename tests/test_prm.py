@@ -298,3 +298,11 @@ def test_fact_rows_add_only_the_facts_results_to_the_lm_loss(tok, tmp_path):
     assert (R2[B:] == -1).all() and TS2[B:].isnan().all() and TF2[B:].isnan().all()   # nothing else is read
     targets = LM2[B:][LM2[B:] >= 0]
     assert len(targets) > 0 and set(tok.enc.decode([int(t)]).strip() for t in targets) <= set("0123456789")
+
+
+def test_a_bad_facts_file_fails_before_any_work(smoke_data, smoke_policy, tmp_path):
+    bad = tmp_path / "facts.txt"
+    bad.write_bytes(b"\xff\xfe")
+    out = tmp_path / "out"
+    proc = run_script(*prm_args(smoke_data, smoke_policy, tmp_path), f"--facts={bad}", f"--out_dir={out}", check=False)
+    assert proc.returncode == 2 and f"error: {bad}: expected UTF-8 text" in proc.stderr and not out.exists()
