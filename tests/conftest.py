@@ -58,6 +58,6 @@ def smoke_prms(smoke_data, smoke_policy, tmp_path_factory):
     for labels in ("fused", "mc", "outcome"):
         run_script("train_prm.py", "--smoke", f"--labels={labels}", f"--policy={smoke_policy}",
                    f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
-                   f"--out_dir={root / labels}", f"--cache_dir={root / 'rewards'}")
+                   f"--facts={smoke_data}/facts.txt", f"--out_dir={root / labels}", f"--cache_dir={root / 'rewards'}")
         paths[labels] = root / labels / "ckpt.pt"
     return paths

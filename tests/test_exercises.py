@@ -99,7 +99,7 @@ def test_prm_without_coherence_then_best_of_n_with_it(smoke_data, smoke_policy, 
     _, cache = design
     out = run_script("train_prm.py", "--smoke", "--fuse=align,quality", f"--policy={smoke_policy}",
                      f"--data={smoke_data}/train.jsonl", f"--tokenizer={smoke_data}/tokenizer.tiktoken",
-                     f"--out_dir={tmp_path / 'prm_nocoh'}", f"--cache_dir={cache}")
+                     f"--facts={smoke_data}/facts.txt", f"--out_dir={tmp_path / 'prm_nocoh'}", f"--cache_dir={cache}")
     assert "reward design: reusing" in out.stdout, "--fuse picks from the same design, it does not redo it"
     nocoh = torch.load(tmp_path / "prm_nocoh" / "ckpt.pt", weights_only=True)["model"]
     fused = torch.load(smoke_prms["fused"], weights_only=True)["model"]

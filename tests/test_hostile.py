@@ -94,6 +94,7 @@ def make_probes(D, ckpt, tmp):
     tmp.mkdir(parents=True, exist_ok=True)
     probes, n = [], [0]
     T = f"--tokenizer={D}/tokenizer.tiktoken"
+    F = f"--facts={D}/facts.txt"
 
     def out():
         n[0] += 1
@@ -111,7 +112,7 @@ def make_probes(D, ckpt, tmp):
         add(f"pool: {defect}", "sft.py", ["--smoke", f"--data={bad}", T, f"--test={D}/test.jsonl",
                                           f"--init={ckpt['base']}", f"--out_dir={o}"], where, o)
         o = out()
-        add(f"pool: {defect}", "train_prm.py", ["--smoke", f"--data={bad}", T, f"--policy={ckpt['policy']}",
+        add(f"pool: {defect}", "train_prm.py", ["--smoke", f"--data={bad}", T, F, f"--policy={ckpt['policy']}",
                                                 f"--out_dir={o}", f"--cache_dir={o}/rewards"], where, o)
         o = out()
         add(f"pool: {defect}", "select_data.py", ["--smoke", f"--data={bad}", T, f"--test={D}/test.jsonl",
@@ -151,7 +152,7 @@ def make_probes(D, ckpt, tmp):
     o = out()
     add("option --n_head=3 --n_embd=128", "sft.py",
         ["--smoke", f"--data={D}/pool.jsonl", T, "--n_head=3", "--n_embd=128", f"--out_dir={o}"], "--n_head", o)
-    prm_args = lambda o: ["--smoke", f"--data={D}/pool.jsonl", T, f"--policy={ckpt['policy']}",
+    prm_args = lambda o: ["--smoke", f"--data={D}/pool.jsonl", T, F, f"--policy={ckpt['policy']}",
                           f"--out_dir={o}", f"--cache_dir={o}/rewards"]
     for opt in ("--max_steps=-1", "--batch_size=0", "--n_rollouts=0", "--n_train=0", "--log_every=0",
                 "--preset=nonsense", "--tau=0"):

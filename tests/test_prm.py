@@ -196,7 +196,7 @@ def test_score_forwards_cache_sized_batches_on_cpu(smoke_prms, smoke_data):
 
 def prm_args(smoke_data, smoke_policy, tmp_path):
     return ["train_prm.py", "--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/train.jsonl",
-            f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"]
+            f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--facts={smoke_data}/facts.txt", f"--cache_dir={tmp_path / 'rewards'}"]
 
 
 def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
@@ -277,7 +277,8 @@ def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, t
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_prm.main(["--smoke", "--n_train=20", f"--policy={smoke_policy}", f"--data={pool}", f"--out_dir={tmp_path / 'prm'}",
-                    f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--cache_dir={tmp_path / 'rewards'}"])
+                    f"--tokenizer={smoke_data}/tokenizer.tiktoken", f"--facts={smoke_data}/facts.txt",
+                    f"--cache_dir={tmp_path / 'rewards'}"])
     out = capsys.readouterr().out
     assert f"1 of 20 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
     assert f"records longer than block_size=256, truncated: {rows[4]['id']}" in out
