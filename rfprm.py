@@ -16,7 +16,7 @@ final response a_1..a_J:
 Four defaults depart from the paper so that its idea works at this scale; each is named in the
 docstring of its function, and its paper form is an option of train_prm.py and a row of its table:
  1. readout: R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t the surprise of the PRM's own LM head at step
-    t's result (PRM, step_surprise);
+    t's operation and result (PRM, step_surprise);
  2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (gated_fusion);
  3. trajectory reward: r_final relative to the policy's own success on the question (relative_final);
  4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
@@ -295,25 +295,34 @@ RESULT_RE = re.compile(r"(?:=|\bis|Answer:) ?(-?\d{1,12})")
 
 
 def step_result_tokens(tok, line):
-    """A step's token ids, and the indices of those that state its result.
+    """A step's token ids, the indices of those that state its result, and of those its
+    surprise term checks.
 
     The result is the last number after '=', 'is' or 'Answer:' ('then 4 * 3 = 12',
     'wait, 4 * 3 is 12, not 13', 'so the answer is 15', 'Answer: 15'); a filler has none.
-    Digits are one token each, so a result is one to three tokens.
+    Digits are one token each, so a result is one to three tokens. The checked tokens are the
+    last computation 'a op b = c' of the line, operands and operator included, or the result
+    alone where the line has none: a step can be wrong in what it computes (an operand that
+    is not there, an operation out of precedence) as well as in its arithmetic.
     """
     ids = tok.enc.encode_ordinary(line)
-    found = None
-    for found in RESULT_RE.finditer(line):
+    result = computation = None
+    for result in RESULT_RE.finditer(line):
         pass
-    if found is None:
-        return ids, []
-    lo, hi = len(line[:found.start(1)].encode()), len(line[:found.end(1)].encode())   # in bytes
-    out, pos = [], 0
+    for computation in task.STEP_RE.finditer(line):
+        pass
+    if result is None:
+        return ids, [], []
+    in_bytes = lambda lo, hi: (len(line[:lo].encode()), len(line[:hi].encode()))
+    spans = [in_bytes(result.start(1), result.end(1)),
+             in_bytes(*computation.span()) if computation else in_bytes(result.start(1), result.end(1))]
+    out, pos = ([], []), 0
     for k, t in enumerate(ids):
-        if pos < hi and pos + tok.n_bytes[t] > lo:
-            out.append(k)
+        for span, chosen in zip(spans, out):
+            if pos < span[1] and pos + tok.n_bytes[t] > span[0]:
+                chosen.append(k)
         pos += tok.n_bytes[t]
-    return ids, out
+    return ids, out[0], out[1]
 
 
 def prm_tokens(tok, question, thinking, response, block_size=None):
@@ -323,37 +332,39 @@ def prm_tokens(tok, question, thinking, response, block_size=None):
     step's score is read at the token that ends it: the newline after a line (or <|/think|>
     after the last thinking line, <|endoftext|> after the last response line); the
     trajectory's at the final <|endoftext|>. step_of[p] is the end position of the step that
-    token p belongs to, result_of[p] the same for the tokens of the step's result only; -1
-    elsewhere. Past block_size the ids are cut and positions clamped.
-    Returns {"ids", "think", "response", "end", "step_of", "result_of", "truncated"}.
+    token p belongs to, result_of[p] the same for the tokens of the step's result only,
+    checked_of[p] for the tokens the surprise term checks (step_result_tokens); -1 elsewhere.
+    Past block_size the ids are cut and positions clamped.
+    Returns {"ids", "think", "response", "end", "step_of", "result_of", "checked_of", "truncated"}.
     """
     nl = tok.enc.encode_ordinary("\n")
     ids = encode_prompt(tok, question)
-    step_of, result_of = [-1] * len(ids), [-1] * len(ids)
+    of = {"step_of": [-1] * len(ids), "result_of": [-1] * len(ids), "checked_of": [-1] * len(ids)}
     ends = {"think": [], "response": []}
     for part, lines, closer in (("think", thinking, tok.end_think), ("response", response, tok.eot)):
         for i, line in enumerate(lines):
-            line_ids, result = step_result_tokens(tok, str(line))
+            line_ids, result, checked = step_result_tokens(tok, str(line))
             end = len(ids) + len(line_ids)
             ids += line_ids
-            step_of += [end] * len(line_ids)
-            result_of += [end if k in result else -1 for k in range(len(line_ids))]
+            of["step_of"] += [end] * len(line_ids)
+            of["result_of"] += [end if k in result else -1 for k in range(len(line_ids))]
+            of["checked_of"] += [end if k in checked else -1 for k in range(len(line_ids))]
             ends[part].append(end)
             sep = nl if i < len(lines) - 1 else [closer]
             ids += sep
-            step_of += [-1] * len(sep)
-            result_of += [-1] * len(sep)
+            for v in of.values():
+                v += [-1] * len(sep)
         if not lines:
             ids.append(closer)
-            step_of.append(-1)
-            result_of.append(-1)
+            for v in of.values():
+                v.append(-1)
     truncated = block_size is not None and len(ids) > block_size
     if truncated:
         clamp = lambda ps: [min(p, block_size - 1) for p in ps]
-        ids, step_of, result_of = ids[:block_size], clamp(step_of[:block_size]), clamp(result_of[:block_size])
+        ids, of = ids[:block_size], {k: clamp(v[:block_size]) for k, v in of.items()}
         ends = {k: clamp(v) for k, v in ends.items()}
     return {"ids": ids, "think": ends["think"], "response": ends["response"], "end": len(ids) - 1,
-            "step_of": step_of, "result_of": result_of, "truncated": truncated}
+            **of, "truncated": truncated}
 
 
 def encode_for_prm(tok, record, mode="full", block_size=None):
@@ -373,9 +384,9 @@ def encode_for_prm(tok, record, mode="full", block_size=None):
     raise ValueError(f"unknown PRM mode {mode!r}")
 
 
-def batch_of(encoded, pad_id, key="result_of"):
+def batch_of(encoded, pad_id, key="checked_of"):
     """Right-padded ids and encoded[key] (B, T) of prm_tokens outputs: the tokens the PRM's
-    surprise term reads (result_of, or step_of for the confidence baseline). Causal attention
+    surprise term reads (checked_of, or step_of for the confidence baseline). Causal attention
     never reads the padding."""
     T = max(len(e["ids"]) for e in encoded)
     idx = torch.full((len(encoded), T), pad_id, dtype=torch.long)
@@ -391,8 +402,8 @@ def step_surprise(gpt, h, idx, token_of):
     one of the step's tokens, log p(token_p | tokens < p); 0 elsewhere and for a step without one.
 
     h (B, T, C) the backbone's hidden states of idx (B, T); token_of (B, T) from prm_tokens:
-    result_of (the PRM's ℓ_t: the tokens of the step's result) or step_of (every token of the
-    step: the confidence baseline). Token p is predicted at position p − 1, so only those
+    checked_of (the PRM's ℓ_t: the tokens of the step's operation and result) or step_of (every
+    token of the step: the confidence baseline). Token p is predicted at position p − 1, so only those
     positions go through the LM head.
     """
     B, T = idx.shape
@@ -419,15 +430,18 @@ class PRM(nn.Module):
 
     forward(idx, token_of, lm_targets=None) -> ((B, T) scores in (0, 1), one per position, the
     callers read step ends; the language-model loss on lm_targets (B, T), -1 = none, or None).
-    token_of: prm_tokens' result_of (step_of for the confidence readout), batched by batch_of.
+    token_of: prm_tokens' checked_of (step_of for the confidence readout), batched by batch_of.
 
     readout="surprise" (ours, the default):   R_φ(t) = σ(w·h_t + a·ℓ_t + b)
         ℓ_t (step_surprise): how surprised the backbone's own language-model head is by step t's
-        result. Why: at the step's last token a small backbone would have to recompute the
-        arithmetic; its next-token prediction already did, at the ` =`. The LM head trains end to
-        end with the reward head, and train_prm.py adds a language-model loss on the results of
-        the steps the expert approved, which keeps the head sharp (a frozen copy of the policy,
-        the other way, costs a second model). a starts at 1: a lone scalar moves slowly.
+        operation and result ('4 * 3 = 12'). Why: at the step's last token a small backbone
+        would have to recompute the arithmetic; its next-token prediction already did, at the
+        ` =`. The operands count too: an operand that is not in the question, or an operation
+        taken out of precedence, surprises a head that knows what comes next. The LM head trains
+        end to end with the reward head, and train_prm.py adds a language-model loss on the
+        operations and results of the steps the expert approved, which keeps the head sharp (a
+        frozen copy of the policy, the other way, costs a second model). a starts at 1: a lone
+        scalar moves slowly.
     readout="plain" (the paper):   R_φ(t) = σ(w·h_t + b)
     readout="confidence" (a baseline, untrained): R(t) = exp(min over all the step's tokens of
         their log-probability), under the policy itself, with no head.
@@ -482,7 +496,7 @@ class PRM(nn.Module):
         out = [None] * len(encoded)
         for i in range(0, len(order), batch_size):
             chunk = [encoded[k] for k in order[i:i + batch_size]]
-            idx, token_of = batch_of(chunk, self.tok.eot, "step_of" if self.readout == "confidence" else "result_of")
+            idx, token_of = batch_of(chunk, self.tok.eot, "step_of" if self.readout == "confidence" else "checked_of")
             s = self(idx.to(device), token_of.to(device))[0].cpu().tolist()
             for j, e in enumerate(chunk):
                 rec = {"step": [s[j][p] for p in e["think"]], "response": [s[j][p] for p in e["response"]],

@@ -87,7 +87,7 @@ class PRMConfig:
     judge_noise: float = 0.0       # a noisier expert: r_qual ← (1 - noise)·judge + noise·U(0, 1)
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
-    lm_coef: float = 0.5           # surprise readout: LM loss on the results of expert-approved steps (keeps ℓ sharp)
+    lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
     facts: str = "data/arith/facts.txt"
     fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
     lam_step: float = 1.0
@@ -237,7 +237,8 @@ def targets_for(cfg, records, questions, tok):
     if cfg.lam_final == 0:
         final = [float("nan")] * len(records)
     response = d["response_quality"] if cfg.response else [[] for _ in records]
-    # the steps the expert approved, thinking then response: the surprise readout's LM loss reads their results
+    # the steps the expert approved, thinking then response: the surprise readout's LM loss reads
+    # their operations and results
     approved = [[q >= 0.5 for q in think + resp] for think, resp in zip(d["quality"], response)]
     return records, [{"step": s, "response": a, "final": f, "approved": ok}
                      for s, a, f, ok in zip(step_labels(cfg, d), response, final, approved)]
@@ -248,20 +249,20 @@ def targets_for(cfg, records, questions, tok):
 
 
 def pack_prm(records, targets, tok, mode, block_size):
-    """Training tensors (N, L): ids, result_of, step and final targets (NaN where nothing is read),
+    """Training tensors (N, L): ids, checked_of, step and final targets (NaN where nothing is read),
     language-model targets (-1 where none), and the lengths (N,).
 
     The step targets sit where each step ends (thinking steps, and response steps when their
     targets are given; the response-only PRM reads its response steps); the final target at
-    the record's last token. The LM targets are the result tokens of the approved steps, set
-    one position early (token p is predicted at p − 1).
+    the record's last token. The LM targets are the checked tokens (operation and result) of the
+    approved steps, set one position early (token p is predicted at p − 1).
     """
     enc = [encode_for_prm(tok, r, mode, block_size) for r in records]
     cut = [k for k, e in enumerate(enc) if e["truncated"]]
     if cut:
         print(f"warning: {len(cut)} of {len(records)} records longer than block_size={block_size}, "
               f"truncated: {record_names(records, cut)}")
-    ids, result_of = batch_of(enc, tok.eot)
+    ids, checked_of = batch_of(enc, tok.eot)
     t_step = torch.full(ids.shape, float("nan"))
     t_final = torch.full(ids.shape, float("nan"))
     lm = torch.full(ids.shape, -1, dtype=torch.long)
@@ -272,10 +273,10 @@ def pack_prm(records, targets, tok, mode, block_size):
         if t["final"] == t["final"]:  # not NaN
             t_final[i, e["end"]] = t["final"]
         approved = {end for end, ok in zip(e["think"] + e["response"], t["approved"]) if ok}
-        for p, end in enumerate(e["result_of"]):
+        for p, end in enumerate(e["checked_of"]):
             if p > 0 and end in approved:
                 lm[i, p - 1] = e["ids"][p]
-    return ids, result_of, t_step, t_final, lm, torch.tensor([len(e["ids"]) for e in enc])
+    return ids, checked_of, t_step, t_final, lm, torch.tensor([len(e["ids"]) for e in enc])
 
 
 def fact_stream(path, tok):
@@ -305,14 +306,14 @@ def with_fact_rows(X, R, TS, TF, LM, facts, n_rows, offset):
             torch.cat([TF, nan]), torch.cat([LM, lm]))
 
 
-def prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device, facts=None):
+def prm_batch_loss(ids, checked_of, t_step, t_final, lm, lengths, cfg, device, facts=None):
     """The PRM's loss on a batch: prm_loss, plus lm_coef × the LM loss when the readout reads ℓ
     (on the results of approved steps and, given `facts`, of cfg.fact_rows rows of facts)."""
     lm_coef = cfg.lm_coef if cfg.readout == "surprise" else 0.0
 
     def batch_loss(model, idx):
         L = int(lengths[idx].max())
-        X, R, TS, TF, LM = ids[idx, :L], result_of[idx, :L], t_step[idx, :L], t_final[idx, :L], lm[idx, :L]
+        X, R, TS, TF, LM = ids[idx, :L], checked_of[idx, :L], t_step[idx, :L], t_final[idx, :L], lm[idx, :L]
         if lm_coef and facts is not None and cfg.fact_rows:   # the offset follows the batch: resumable
             X, R, TS, TF, LM = with_fact_rows(X, R, TS, TF, LM, facts, cfg.fact_rows, int(idx.sum()))
         scores, lm_loss = model(X.to(device), R.to(device), LM.to(device) if lm_coef else None)
@@ -339,7 +340,7 @@ def arithmetic_accuracy(gpt, tok, records, batch_size=64):
             for t, (line, end) in enumerate(zip(r["thinking"], e["think"])):
                 if task.STEP_RE.search(str(line)) and task.judge(r["question"], r["thinking"][:t], line) == 1.0:
                     checked.append((j, end))
-        idx, result_of = batch_of(encoded, tok.eot)
+        idx, result_of = batch_of(encoded, tok.eot, "result_of")
         idx, result_of = idx.to(device), result_of.to(device)
         B, T = idx.shape
         is_result = result_of[:, 1:] >= 0
@@ -369,7 +370,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     prm.to(device)
     if probe and rank == 0:
         before = arithmetic_accuracy(prm.gpt, tok, probe)
-    ids, result_of, t_step, t_final, lm, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size)
+    ids, checked_of, t_step, t_final, lm, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size)
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     optimizer = training.make_optimizer(prm, cfg, device)
@@ -395,7 +396,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     facts = fact_stream(cfg.facts, tok) if cfg.fact_rows and cfg.readout == "surprise" else None
     require(facts is None or len(facts[0]) > 2 * prm.config.block_size,
             f"{cfg.facts}: too few facts for rows of {prm.config.block_size} tokens")
-    training.train(model, prm_batch_loss(ids, result_of, t_step, t_final, lm, lengths, cfg, device, facts), lengths, cfg,
+    training.train(model, prm_batch_loss(ids, checked_of, t_step, t_final, lm, lengths, cfg, device, facts), lengths, cfg,
                    device, rank, world, ckpt_fn=save, start_step=start, optimizer=optimizer, metrics_path=metrics)
     if probe and rank == 0:
         after = arithmetic_accuracy(prm.gpt, tok, probe)

@@ -46,17 +46,21 @@ def test_a_wrong_result_is_surprising_and_lowers_the_score(tok, arith_lm):
     right, wrong = fact_record(2, 3, 5), fact_record(2, 3, 7)
     prm = PRM(arith_lm.config)                 # readout="surprise"; head at zero: the score is σ(a·ℓ)
     prm.gpt.load_state_dict(arith_lm.state_dict())
-    idx, result_of = batch_of([prm_tokens(tok, **r) for r in (right, wrong)], tok.eot)
+    # an operand the question does not have: right arithmetic, wrong step
+    other = {**right, "thinking": ["let me see", "then 2 + 4 = 6"], "response": ["Answer: 6"]}
+    idx, checked_of = batch_of([prm_tokens(tok, **r) for r in (right, wrong, other)], tok.eot)
     ends = prm_tokens(tok, **right)["think"]
-    ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, result_of)
+    ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, checked_of)
     assert ell[0, ends[1]] > -0.5 > -3 > ell[1, ends[1]], ell[:, ends]
+    assert ell[2, ends[1]] < -3, "the surprise term checks the operands too"
     assert ell[0, ends[0]] == 0 and ell[1, ends[0]] == 0, "a filler states no result: no surprise"
-    scores, _ = prm(idx, result_of)
+    idx, checked_of = idx[:2], checked_of[:2]
+    scores, _ = prm(idx, checked_of)
     assert scores[0, ends[1]] > 0.45 > 0.1 > scores[1, ends[1]]       # σ(ℓ): about ½ against about 0
     # the paper's plain head cannot see it without training: the same score for both
     plain = PRM(arith_lm.config, readout="plain")
     plain.gpt.load_state_dict(arith_lm.state_dict())
-    assert torch.equal(plain(idx, result_of)[0][0, ends[1]], plain(idx, result_of)[0][1, ends[1]])
+    assert torch.equal(plain(idx, checked_of)[0][0, ends[1]], plain(idx, checked_of)[0][1, ends[1]])
     # the gradient reaches the backbone through ℓ alone (the head's weights are still zero)
     prm.zero_grad()
     scores[1, ends[1]].backward()
@@ -97,6 +101,14 @@ def test_read_positions_and_result_tokens(tok):
                for end in e["think"] + e["response"]}
     assert [results[p] for p in e["think"]] == [" 3", "", " 13"]
     assert [results[p] for p in e["response"]] == [" 3", " 3"]
+    # the surprise term checks the whole computation where there is one, else the result
+    checked = {end: tok.enc.decode([ids[p] for p, x in enumerate(e["checked_of"]) if x == end])
+               for end in e["think"] + e["response"]}
+    assert [checked[p] for p in e["think"]] == ["1 + 2 = 3", "", " 13"]
+    assert [checked[p] for p in e["response"]] == [" 1 + 2 = 3", " 3"]
+    fix = prm_tokens(tok, "4 * 3", ["wait, 4 * 3 is 12, not 13", "check: 4 * 3 = 12, ok"], [])
+    assert [tok.enc.decode([fix["ids"][p] for p, x in enumerate(fix["checked_of"]) if x == end])
+            for end in fix["think"]] == [" 12", " 4 * 3 = 12"]
     assert len(e["result_of"]) == len(ids) and encode_prompt(tok, "1 + 2") == ids[:len(encode_prompt(tok, "1 + 2"))]
     cut = prm_tokens(tok, "1 + 2", ["7 " * 100], ["Answer: 3"], block_size=32)
     assert cut["truncated"] and len(cut["ids"]) == 32 and max(cut["result_of"] + cut["response"]) <= 31
@@ -106,7 +118,7 @@ def test_pack_prm_puts_targets_where_steps_end(tok):
     rec = {"question": "3 + 4", "thinking": ["first, 3 + 4 = 7", "so the answer is 7"], "response": ["Answer: 7"]}
     targets = [{"step": [0.9, 0.6], "response": [1.0], "final": 0.25, "approved": [True, False, True]},
                {"step": [0.1, 0.2], "response": [], "final": float("nan"), "approved": []}]
-    ids, result_of, t_step, t_final, lm, lengths = train_prm.pack_prm([rec, rec], targets, tok, "full", 256)
+    ids, checked_of, t_step, t_final, lm, lengths = train_prm.pack_prm([rec, rec], targets, tok, "full", 256)
     e = prm_tokens(tok, **rec)
     assert lengths.tolist() == [len(e["ids"])] * 2 and ids[0, :len(e["ids"])].tolist() == e["ids"]
     step_at = (~torch.isnan(t_step[0])).nonzero().flatten().tolist()
@@ -114,10 +126,12 @@ def test_pack_prm_puts_targets_where_steps_end(tok):
     assert (~torch.isnan(t_step[1])).nonzero().flatten().tolist() == e["think"], "no response targets: none read"
     assert (~torch.isnan(t_final[0])).nonzero().flatten().tolist() == [e["end"]] and t_final[0, e["end"]] == 0.25
     assert torch.isnan(t_final[1]).all()
-    # the LM targets: the result tokens of the approved steps (first thinking step, the answer), one early
-    result = [p for p, end in enumerate(e["result_of"]) if end in (e["think"][0], e["response"][0])]
-    assert (lm[0] >= 0).nonzero().flatten().tolist() == [p - 1 for p in result]
-    assert lm[0, [p - 1 for p in result]].tolist() == [e["ids"][p] for p in result] and (lm[1] == -1).all()
+    # the LM targets: the checked tokens of the approved steps (first thinking step's '3 + 4 = 7',
+    # the answer's 7), one position early
+    checked = [p for p, end in enumerate(e["checked_of"]) if end in (e["think"][0], e["response"][0])]
+    assert tok.enc.decode([e["ids"][p] for p in checked]) in ("3 + 4 = 7 7", " 3 + 4 = 7 7")
+    assert (lm[0] >= 0).nonzero().flatten().tolist() == [p - 1 for p in checked]
+    assert lm[0, [p - 1 for p in checked]].tolist() == [e["ids"][p] for p in checked] and (lm[1] == -1).all()
     # the response-only baseline reads its labels at the response steps
     _, _, t_mc, _, _, _ = train_prm.pack_prm([rec], [{"step": [], "response": [0.5], "final": float("nan"),
                                                       "approved": []}], tok, "response_only", 256)
