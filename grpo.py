@@ -71,7 +71,7 @@ class GRPOConfig:
     alpha: float = 1.0                   # the PRM's total = mean(step) + α·trajectory; 0: the step score alone
     process: bool = False                # process supervision from the PRM's step scores
     # GRPO
-    max_steps: int = 100
+    max_steps: int = 30                  # the CPU course's time: most of the rise comes early (--max_steps=100: longer)
     questions_per_step: int = 8          # Q
     group_size: int = 8                  # G completions per question
     mu: int = 1                          # optimisation passes per rollout batch
@@ -95,12 +95,12 @@ class GRPOConfig:
     seeds: int = 1
     workers: int = 2                     # runs at a time, each in a process of one thread (training.map_in_processes)
     # evaluation, logging, checkpoints
-    eval_every: int = 25
+    eval_every: int = 10
     eval_questions: int = 200            # greedy accuracy on the first test questions, during training
     final_questions: int = 1000          # ... and at the start and the end
     log_every: int = 5
     sample_every: int = 25               # print a few sampled completions with their rewards
-    ckpt_every: int = 50
+    ckpt_every: int = 10
     resume: bool = False
     device: str = ""
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)

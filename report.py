@@ -56,7 +56,7 @@ STAGES = [
      "policy/eval.json", sft_table, None),
     ("start", "SFT: where selection's students start",
      "python sft.py --init=out/base/ckpt.pt --max_steps=2000 --out_dir=out/start", "start/eval.json", sft_table, None),
-    ("prm", "Synthetic ProcessBench (train_prm.py)", "python train_prm.py --eval --rows=main,paper,response,outcome,confidence", "prm/processbench.json",
+    ("prm", "Synthetic ProcessBench (train_prm.py)", "python train_prm.py --eval --rows=main,response,outcome,confidence", "prm/processbench.json",
      prm_table, "prm/score_histograms.png"),
     ("select", "Offline data selection (select_data.py)", "python select_data.py", "select/results.json",
      select_table, "select/select.png"),

@@ -13,7 +13,7 @@ stage prepare python data/arith/prepare.py                                      
 stage base    python sft.py --pretrain --out_dir=out/base $P                                 # 2. base model: arithmetic facts
 stage policy  python sft.py --init=out/base/ckpt.pt --out_dir=out/policy $P                  # 3. the policy: SFT on the training records
 stage start   python sft.py --init=out/base/ckpt.pt --max_steps=2000 --out_dir=out/start $P  # 4. where selection's students start: never trained on the pool
-stage prm     python train_prm.py --eval --rows=main,paper,response,outcome,confidence $P    # 5. reward design, PRMs, ProcessBench (all rows: drop --rows)
+stage prm     python train_prm.py --eval --rows=main,response,outcome,confidence $P          # 5. reward design, PRMs, ProcessBench (all rows: drop --rows)
 stage select  python select_data.py $P                                                       # 6. offline: data selection from the pool
 stage grpo    python grpo.py --variants=rule,mix --seeds=3 $P                                # 7. online: GRPO, rule vs rule + PRM (β = 0.75)
 stage tts     python tts.py $P                                                               # 8. test time: Best-of-N

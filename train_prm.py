@@ -81,7 +81,7 @@ class PRMConfig:
     fuse: str = "align,quality,coherence"   # what the fusion fuses (drop one to see what it adds)
     tau: float = 0.1               # coherence temperature
     n_negatives: int = 8           # coherence negatives from other trajectories
-    n_rollouts: int = 4            # rollouts per trajectory (r_final) and per question (p_0)
+    n_rollouts: int = 2            # rollouts per trajectory (r_final) and per question (p_0); 2 keeps run.sh in its time
     mc_rollouts: int = 4           # Monte-Carlo completions per response prefix (labels=mc)
     mc_records: int = 1000         # records the response-only baseline is labelled and trained on
     judge_noise: float = 0.0       # a noisier expert: r_qual ← (1 - noise)·judge + noise·U(0, 1)
