@@ -1,7 +1,7 @@
 """
 Offline data selection: score the distilled pool with the PRMs, keep the top-K, train students.
 
-    python select_data.py                                  # 7 selectors x 3 seeds
+    python select_data.py                                  # 8 selectors x 3 seeds
     python select_data.py --k=500 --seeds=5
     python select_data.py --selectors=random,rf_total,oracle --budget_tokens=200000
 
@@ -13,8 +13,10 @@ its accuracy on held-out questions says how good the selection was. Selectors:
   outcome filter      records whose final answer is right (the answer key), then K at random
   response-only PRM   top-K by the baseline PRM's total (trained on final responses, MC labels)
   confidence          top-K by the policy's own confidence, no training (rfprm.untrained_scorer)
-  ReasonFlux-PRM      top-K by total = mean(step) + min(response) + α·trajectory (α = 1)
-  ReasonFlux step     the same with α = 0: what the trajectory reward adds
+  ReasonFlux-PRM      K at random among the records the PRM accepts: every step scored >= ½ and,
+                      α = 1, the trajectory >= ½ (accepted_k; select)
+  ReasonFlux step     the same with α = 0, the steps only: what the trajectory reward adds
+  ReasonFlux, top-K   the paper's form: top-K by total = mean(step) + min(response) + α·trajectory
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
 
@@ -39,6 +41,8 @@ ranking is far purer than the pool; the budget is several passes over the K reco
 flawed records hurt most; a lower learning rate than SFT's keeps a student near its start.
 
 Where this departs from the paper:
+  * ReasonFlux-PRM selects as a filter, K at random among the records it accepts (accepted_k);
+    the paper's top-K by the total is the row "ReasonFlux, top-K (paper)";
   * the students are the course's small GPT trained for seconds, not Qwen2.5 on 1k of 59k records;
   * the baselines are our own scorers (response-only PRM, confidence), the answer key (outcome
     filter) and random, not released PRMs or human curation (s1k);
@@ -74,7 +78,7 @@ class SelectConfig:
     policy: str = "out/policy/ckpt.pt"               # the confidence selector's model
     prm: str = "out/prm/ckpt.pt"                     # ReasonFlux-PRM
     prm_response: str = "out/prm_response/ckpt.pt"   # response-only PRM (train_prm.py --labels=mc)
-    selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,oracle"
+    selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,rf_top_k,oracle"
     k: int = 1000                  # records kept per selector (10% of the pool, see the docstring)
     seeds: int = 3                 # rows: seeds seed, seed + 1, ...
     workers: int = 2               # students at a time, each in a process of one thread (training.map_in_processes)
@@ -107,6 +111,7 @@ SELECTORS = {
     "confidence": "confidence (policy)",
     "rf_total": "ReasonFlux-PRM",
     "rf_step": "ReasonFlux step (α=0)",
+    "rf_top_k": "ReasonFlux, top-K (paper)",
     "oracle": "oracle: clean (upper bound)",
 }
 HEADLINE = "rf_total"
@@ -138,6 +143,29 @@ def top_k(scores, k):
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
+def accepted_k(accepted, ranking, k, seed):
+    """K of the records the PRM accepts, drawn at random with `seed` (ours); when fewer than K are
+    accepted, all of them and then the best of the rest by `ranking` (a score per record).
+
+    The paper keeps the top-K by the PRM's total (selector rf_top_k, a row of the table). Why
+    ours: among records the PRM judges right, a higher total is the PRM's confidence, not a better
+    record. It is highest where the surprise term has the fewest tokens to doubt, so a top-K fills
+    with small numbers and one style of trajectory. Drawn at random, the accepted records keep the
+    pool's variety, as the outcome filter keeps it among right answers.
+
+    >>> accepted_k([True, False, True, True], [0.9, 0.8, 0.1, 0.5], 2, seed=0) in ([0, 2], [0, 3], [2, 0], [2, 3], [3, 0], [3, 2])
+    True
+    >>> accepted_k([True, False, False, False], [0.9, 0.8, 0.1, 0.5], 2, seed=0)
+    [0, 1]
+    """
+    need(len(accepted), k)
+    yes = [i for i, ok in enumerate(accepted) if ok]
+    if len(yes) >= k:
+        return random.Random(seed).sample(yes, k)
+    rest = [i for i in top_k(ranking, len(ranking)) if not accepted[i]]
+    return yes + rest[:k - len(yes)]
+
+
 def answer_right(record):
     """The outcome filter's test: does the response end with the right 'Answer: N' (answer key)?"""
     return task.verify("\n".join(record["response"]), record["answer"])
@@ -163,16 +191,28 @@ def random_k(candidates, k, seed, what):
 def select(key, records, scores, k, seed, hidden_meta=None):
     """Pool indices of the K records that selector `key` keeps.
 
-    records carry no `meta`; scores {"rf_total", "rf_step", "response_prm", "confidence": [float]};
-    only the oracle receives hidden_meta. Random selectors draw with `seed`, top-K selectors ignore it.
+    records carry no `meta`; scores {"rf_total", "rf_step", "rf_worst", "rf_trajectory",
+    "response_prm", "confidence": [float]}; only the oracle receives hidden_meta. Random selectors
+    draw with `seed`, top-K selectors ignore it.
+
+    ReasonFlux-PRM (ours, accepted_k): a record is accepted when the PRM scores every step of it
+    at least ½, the midpoint between the label of a wrong step (0) and of a right one (¾ or more,
+    rfprm.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
+    plan that helps the policy as much as no plan (rfprm.relative_final); α = 0 (rf_step) reads
+    the steps only. rf_top_k is the paper's top-K by the total.
     """
     if key == "random":
         return random_k(list(range(len(records))), k, seed, "pool")
     if key == "outcome":
         right = [i for i, r in enumerate(records) if answer_right(r)]
         return random_k(right, k, seed, "set of records with a right final answer")
-    if key in ("response_prm", "confidence", "rf_total", "rf_step"):
-        return top_k(scores[key], k)
+    if key in ("response_prm", "confidence", "rf_top_k"):
+        return top_k(scores["rf_total" if key == "rf_top_k" else key], k)
+    if key in ("rf_total", "rf_step"):
+        steps_ok = [w >= 0.5 for w in scores["rf_worst"]]
+        if key == "rf_total":
+            steps_ok = [ok and t >= 0.5 for ok, t in zip(steps_ok, scores["rf_trajectory"])]
+        return accepted_k(steps_ok, scores[key], k, seed)
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
@@ -184,7 +224,8 @@ def select(key, records, scores, k, seed, hidden_meta=None):
 
 
 def score_pool(prm, records, batch_size, name):
-    """[(mean step score, total)] of every record under a scorer (PRM.score), batched, with ETA.
+    """[(mean step score, total, worst step score, trajectory score)] of every record under a
+    scorer (PRM.score), batched, with ETA. The worst step is over thinking and response steps.
 
     Records are scored in order of length (little padding per batch), in chunks for progress.
     """
@@ -193,7 +234,8 @@ def score_pool(prm, records, batch_size, name):
     for j in range(0, len(order), chunk):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
-            out[i] = (prm_total(s, 0.0, prm.with_response), s["total"])   # (mean step score, total)
+            out[i] = (prm_total(s, 0.0, prm.with_response), s["total"],
+                      min(s["step"] + s["response"], default=1.0), s["trajectory"])
         done = min(len(order), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(order):,} records | "
               f"eta {format_eta((time.time() - t0) / done * (len(order) - done))}")
@@ -203,7 +245,7 @@ def score_pool(prm, records, batch_size, name):
 def cached_scores(path, make_scorer, records, cfg, name):
     """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
     key = f"{file_digest(cfg.data)}-{file_digest(path)}-{name.split()[0].lower()}"
-    cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"scores-{key}.pt")
+    cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"pool-scores-{key}.pt")
     reused = load_cache(cache, f"scoring with {name}")
     if reused is not None:
         return [tuple(x) for x in reused.tolist()]
@@ -396,7 +438,7 @@ def main(argv=None):
     need(len(pool), cfg.k)  # before any scoring or training
     hidden_meta = [r["meta"] for r in pool]
     records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    needed = {"prm": ({"rf_total", "rf_step"}, "prm"), "prm_response": ({"response_prm"}, "prm"),
+    needed = {"prm": ({"rf_total", "rf_step", "rf_top_k"}, "prm"), "prm_response": ({"response_prm"}, "prm"),
               "policy": ({"confidence"}, "policy")}
     for opt, (users, kind) in needed.items():  # fail now, not after minutes of work
         path = getattr(cfg, opt)
@@ -413,15 +455,16 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     scores = {}
-    if {"rf_total", "rf_step"} & set(keys):
+    if {"rf_total", "rf_step", "rf_top_k"} & set(keys):
         rf = cached_scores(cfg.prm, lambda: load_prm(cfg.prm, device), records, cfg, "ReasonFlux-PRM")
-        scores["rf_step"], scores["rf_total"] = [s for s, _ in rf], [t for _, t in rf]
+        for j, name in enumerate(("rf_step", "rf_total", "rf_worst", "rf_trajectory")):
+            scores[name] = [x[j] for x in rf]
     if "response_prm" in keys:
-        scores["response_prm"] = [t for _, t in cached_scores(cfg.prm_response, lambda: load_prm(cfg.prm_response, device),
+        scores["response_prm"] = [x[1] for x in cached_scores(cfg.prm_response, lambda: load_prm(cfg.prm_response, device),
                                                               records, cfg, "response-only PRM")]
     if "confidence" in keys:
         scorer = lambda: untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
-        scores["confidence"] = [t for _, t in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
+        scores["confidence"] = [x[1] for x in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
     t_score = time.time() - t0
 
     start = evaluate_init(cfg, tok, questions, device)

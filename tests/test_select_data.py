@@ -68,7 +68,25 @@ def test_selectors_see_no_meta_and_keep_what_they_promise(smoke_data):
     assert select_data.select("random", pool, {}, k, seed=1) == select_data.select("random", pool, {}, k, seed=1)
     assert select_data.select("random", pool, {}, k, seed=1) != select_data.select("random", pool, {}, k, seed=2)
     scores = {"rf_total": [float(i % 7) for i in range(len(pool))]}
-    assert select_data.select("rf_total", pool, scores, k, seed=1) == select_data.select("rf_total", pool, scores, k, seed=2)
+    assert select_data.select("rf_top_k", pool, scores, k, seed=1) == select_data.select("rf_top_k", pool, scores, k, seed=2)
+
+
+def test_reasonflux_keeps_only_records_it_accepts_drawn_at_random():
+    n, k = 100, 10
+    pool = [{"question": "1 + 2", "answer": 3, "thinking": [], "response": []} for _ in range(n)]
+    worst = [0.9 if i % 4 == 0 else 0.3 for i in range(n)]          # 25 records with every step >= 1/2
+    traj = [0.7 if i % 8 == 0 else 0.4 for i in range(n)]           # 13 of them with a trajectory >= 1/2
+    total = [float(i) for i in range(n)]                             # the paper's top-K: the last ten
+    scores = {"rf_total": total, "rf_step": total, "rf_worst": worst, "rf_trajectory": traj}
+    steps = select_data.select("rf_step", pool, scores, k, seed=1)
+    assert all(i % 4 == 0 for i in steps) and len(set(steps)) == k
+    assert steps != select_data.select("rf_step", pool, scores, k, seed=2), "drawn with the seed"
+    both = select_data.select("rf_total", pool, scores, k, seed=1)
+    assert all(i % 8 == 0 for i in both) and len(set(both)) == k
+    assert select_data.select("rf_top_k", pool, scores, k, seed=1) == list(range(99, 89, -1))
+    # fewer accepted than K: all of them, then the best of the rest by the total
+    few = {**scores, "rf_worst": [0.9 if i < 3 else 0.3 for i in range(n)]}
+    assert select_data.select("rf_step", pool, few, k, seed=1)[3:] == list(range(99, 92, -1))
 
 
 def test_identical_token_budgets_across_selectors(smoke_data, smoke_base):
@@ -118,7 +136,7 @@ def test_select_smoke_run_writes_results(smoke_data, smoke_base, smoke_policy, s
     assert "composition of the selected sets" in proc.stdout and "upper bound" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     summary = res["summary"]
-    assert list(summary) == ["random", "outcome", "response_prm", "confidence", "rf_total", "rf_step", "oracle"]
+    assert list(summary) == ["random", "outcome", "response_prm", "confidence", "rf_total", "rf_step", "rf_top_k", "oracle"]
     assert res["k"] == 32 and len(res["seeds"]) == 2
     tokens = [t for s in summary.values() for t in s["tokens"]]
     assert min(tokens) >= 2000 and max(tokens) - min(tokens) < 8 * 256, "one budget for every student"
@@ -129,7 +147,7 @@ def test_select_smoke_run_writes_results(smoke_data, smoke_base, smoke_policy, s
     assert summary["oracle"]["composition"]["clean"] == 1.0
     comp = summary["random"]["composition"]
     assert 0 <= comp["answer 0"] <= 1 and comp["|answer|"] >= 0 and 0 <= comp["3 ops"] <= 1
-    for key in ("rf_total", "rf_step", "response_prm", "confidence"):  # top-K is deterministic: one set for all seeds
+    for key in ("rf_top_k", "response_prm", "confidence"):  # top-K is deterministic: one set for all seeds
         first, second = (r["selected"] for r in summary[key]["runs"])
         assert first == second, key
     # a second run reuses the cached pool scores and selects the same top-K
