@@ -473,16 +473,21 @@ def main(argv=None):
     # every student of a seed is one job; seed by seed, so that an interrupted run has whole rows
     chosen = [(key, seed, select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None))
               for seed in seeds for key in keys]
-    jobs = [([records[i] for i in idx], cfg, tok, block_size, seed, device, questions) for _, seed, idx in chosen]
-    rows, n_all, t_train = {k: [] for k in keys}, len(chosen), time.time()
-    for n_done, ((key, seed, idx), run) in enumerate(zip(chosen, map_in_processes(train_student, jobs, cfg.workers)), 1):
-        run["composition"] = composition(idx, hidden_meta, records)
-        run["selected"] = idx  # pool indices, best first for the top-K selectors
-        rows[key].append(run)
-        eta = (time.time() - t_train) / n_done * (n_all - n_done)
-        print(f"student {n_done:2d}/{n_all} | {SELECTORS[key]:<28} seed {seed} | {run['steps']} steps, "
+    # a student is a function of its records and its seed: selectors that keep the same set share one
+    unique = list(dict.fromkeys((seed, tuple(idx)) for _, seed, idx in chosen))
+    jobs = [([records[i] for i in idx], cfg, tok, block_size, seed, device, questions) for seed, idx in unique]
+    trained, t_train = {}, time.time()
+    for n_done, (job, run) in enumerate(zip(unique, map_in_processes(train_student, jobs, cfg.workers)), 1):
+        trained[job] = run
+        names = " = ".join(SELECTORS[key] for key, seed, idx in chosen if (seed, tuple(idx)) == job)
+        eta = (time.time() - t_train) / n_done * (len(unique) - n_done)
+        print(f"student {n_done:2d}/{len(unique)} | {names:<28} seed {job[0]} | {run['steps']} steps, "
               f"{run['tokens']:,} tokens, loss {run['loss']:.3f} | acc {100 * run['acc']:5.1f}% | "
               f"{run['seconds']:.0f}s | eta {format_eta(eta)}")
+    rows = {k: [] for k in keys}
+    for key, seed, idx in chosen:   # selected: pool indices, best first for the top-K selectors
+        rows[key].append({**trained[(seed, tuple(idx))], "composition": composition(idx, hidden_meta, records),
+                          "selected": idx})
     tokens = [r["tokens"] for runs in rows.values() for r in runs]
     print(f"token budget: every student saw {min(tokens):,}-{max(tokens):,} target tokens "
           f"(budget {cfg.budget_tokens:,}: each trains the fewest steps that reach it)")
