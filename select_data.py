@@ -466,6 +466,11 @@ def main(argv=None):
         scorer = lambda: untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
         scores["confidence"] = [x[1] for x in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
     t_score = time.time() - t0
+    if "rf_worst" in scores:
+        steps_ok = [w >= 0.5 for w in scores["rf_worst"]]
+        both = sum(ok and t >= 0.5 for ok, t in zip(steps_ok, scores["rf_trajectory"]))
+        print(f"ReasonFlux-PRM accepts {sum(steps_ok):,} of {len(records):,} records (every step >= 1/2), "
+              f"{both:,} with the trajectory >= 1/2 too")
 
     start = evaluate_init(cfg, tok, questions, device)
     print(format_accuracy("start (no training)", start))
