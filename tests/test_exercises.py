@@ -132,18 +132,24 @@ def test_beta_zero_rewards_the_rule_alone(smoke_prms):
 
 def test_selection_with_the_response_only_prm(smoke_data, smoke_base, smoke_prms, tmp_path):
     out = tmp_path / "select"
-    run_script("select_data.py", "--smoke", "--selectors=random,response_prm,rf_total", "--seeds=1",
+    run_script("select_data.py", "--smoke", "--selectors=random,response_prm,rf_total,rf_top_k", "--seeds=1",
                f"--init={smoke_base}", f"--prm={smoke_prms['fused']}", f"--prm_response={smoke_prms['mc']}",
                f"--out_dir={out}", *data_args(smoke_data, "pool.jsonl"))
     res = json.loads((out / "results.json").read_text())
-    assert list(res["summary"]) == ["random", "response_prm", "rf_total"]
+    assert list(res["summary"]) == ["random", "response_prm", "rf_total", "rf_top_k"]
+    selected = {key: s["runs"][0]["selected"] for key, s in res["summary"].items()}
     # each top-K selector kept the K best records by its own PRM's total (the scores cached in out_dir)
     pool = f"{smoke_data}/pool.jsonl"
+    scores = {}
     for key, ckpt, name in (("response_prm", smoke_prms["mc"], "response-only"),
-                            ("rf_total", smoke_prms["fused"], "reasonflux-prm")):
-        totals = torch.load(out / f"scores-{file_digest(pool)}-{file_digest(str(ckpt))}-{name}.pt")[:, 1].tolist()
-        assert res["summary"][key]["runs"][0]["selected"] == select_data.top_k(totals, res["k"]), key
-    assert res["summary"]["response_prm"]["runs"][0]["selected"] != res["summary"]["rf_total"]["runs"][0]["selected"]
+                            ("rf_top_k", smoke_prms["fused"], "reasonflux-prm")):
+        scores[key] = torch.load(out / f"pool-scores-{file_digest(pool)}-{file_digest(str(ckpt))}-{name}.pt")
+        assert selected[key] == select_data.top_k(scores[key][:, 1].tolist(), res["k"]), key
+    assert selected["response_prm"] != selected["rf_top_k"]
+    # ReasonFlux-PRM draws among the records its PRM accepts: every step and the trajectory >= 1/2
+    _, total, worst, trajectory = scores["rf_top_k"].T.tolist()
+    accepted = [w >= 0.5 and t >= 0.5 for w, t in zip(worst, trajectory)]
+    assert selected["rf_total"] == select_data.accepted_k(accepted, total, res["k"], res["seeds"][0])
 
 
 def test_double_the_flaw_rate_halves_the_clean_share(tmp_path):
