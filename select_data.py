@@ -1,5 +1,5 @@
 """
-Offline data selection: score the distilled pool with the PRMs, keep the top-K, train students.
+Offline data selection: score the distilled pool with the PRMs, keep K records, train students.
 
     python select_data.py                                  # 8 selectors x 3 seeds
     python select_data.py --k=500 --seeds=5
@@ -25,7 +25,7 @@ Protocol. The student has never seen the selection pool: every student starts fr
 disjoint from the pool; check_never_trained_on refuses a start whose recorded origin
 includes the pool), so what it learns of the pool's reasoning comes from the K records it
 is given. In row s every selector's student trains with seed s (batch order) and, for the
-random selectors, also selects with seed s. Every student sees the same number of target
+selectors that draw at random (ReasonFlux-PRM's draw too), also selects with seed s. Every student sees the same number of target
 tokens: training.train draws the batch of step t from (seed, t) alone, so a student trains
 for the fewest steps whose batches hold --budget_tokens (plan_steps; the counts agree within
 one batch, and the run checks that training saw exactly the planned count). Accuracy is
@@ -150,8 +150,8 @@ def accepted_k(accepted, ranking, k, seed):
     The paper keeps the top-K by the PRM's total (selector rf_top_k, a row of the table). Why
     ours: among records the PRM judges right, a higher total is the PRM's confidence, not a better
     record. It is highest where the surprise term has the fewest tokens to doubt, so a top-K fills
-    with small numbers and one style of trajectory. Drawn at random, the accepted records keep the
-    pool's variety, as the outcome filter keeps it among right answers.
+    with small numbers. Drawn at random, the accepted records keep the pool's variety, as the
+    outcome filter keeps it among right answers.
 
     >>> accepted_k([True, False, True, True], [0.9, 0.8, 0.1, 0.5], 2, seed=0) in ([0, 2], [0, 3], [2, 0], [2, 3], [3, 0], [3, 2])
     True
