@@ -24,13 +24,13 @@ Protocol. The student has never seen the selection pool: every student starts fr
 --init (run.sh's `start`: a short SFT of the base model on the training records, which are
 disjoint from the pool; check_never_trained_on refuses a start whose recorded origin
 includes the pool), so what it learns of the pool's reasoning comes from the K records it
-is given. In row s every selector's student trains with seed s (batch order) and, for the
-selectors that draw at random (ReasonFlux-PRM's draw too), also selects with seed s. Every student sees the same number of target
-tokens: training.train draws the batch of step t from (seed, t) alone, so a student trains
-for the fewest steps whose batches hold --budget_tokens (plan_steps; the counts agree within
-one batch, and the run checks that training saw exactly the planned count). Accuracy is
-greedy, on the same held-out questions for every student. Top-K is a stable sort by
-(-score, pool index). The selectors other than the oracle see the records with `meta`
+is given. In row s every selector's student trains with seed s (batch order), and the
+selectors that draw at random (ReasonFlux-PRM too) select with seed s. Every student sees
+the same number of target tokens: training.train draws the batch of step t from (seed, t)
+alone, so a student trains for the fewest steps whose batches hold --budget_tokens
+(plan_steps; the counts agree within one batch, and the run checks that training saw exactly
+the planned count). Accuracy is greedy, on the same held-out questions for every student.
+Top-K is a stable sort by (-score, pool index). The selectors other than the oracle see the records with `meta`
 removed; the composition table reads `meta` only to explain results.
 
 Why this start, K and budget: from the base model (facts only) a student learns too little
@@ -143,6 +143,13 @@ def top_k(scores, k):
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
 
 
+def prm_accepts(scores, with_trajectory):
+    """Per record, does ReasonFlux-PRM accept it: every step scored >= ½ and, with_trajectory
+    (α = 1), the trajectory scored >= ½ too (select explains the thresholds)."""
+    return [w >= 0.5 and (t >= 0.5 or not with_trajectory)
+            for w, t in zip(scores["rf_worst"], scores["rf_trajectory"])]
+
+
 def accepted_k(accepted, ranking, k, seed):
     """K of the records the PRM accepts, drawn at random with `seed` (ours); when fewer than K are
     accepted, all of them and then the best of the rest by `ranking` (a score per record).
@@ -209,10 +216,7 @@ def select(key, records, scores, k, seed, hidden_meta=None):
     if key in ("response_prm", "confidence", "rf_top_k"):
         return top_k(scores["rf_total" if key == "rf_top_k" else key], k)
     if key in ("rf_total", "rf_step"):
-        steps_ok = [w >= 0.5 for w in scores["rf_worst"]]
-        if key == "rf_total":
-            steps_ok = [ok and t >= 0.5 for ok, t in zip(steps_ok, scores["rf_trajectory"])]
-        return accepted_k(steps_ok, scores[key], k, seed)
+        return accepted_k(prm_accepts(scores, key == "rf_total"), scores[key], k, seed)
     if key == "oracle":
         clean = [i for i, m in enumerate(hidden_meta) if m["flaw"] == "clean"]
         return random_k(clean, k, seed, "set of clean records (hidden meta)")
@@ -467,10 +471,8 @@ def main(argv=None):
         scores["confidence"] = [x[1] for x in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
     t_score = time.time() - t0
     if "rf_worst" in scores:
-        steps_ok = [w >= 0.5 for w in scores["rf_worst"]]
-        both = sum(ok and t >= 0.5 for ok, t in zip(steps_ok, scores["rf_trajectory"]))
-        print(f"ReasonFlux-PRM accepts {sum(steps_ok):,} of {len(records):,} records (every step >= 1/2), "
-              f"{both:,} with the trajectory >= 1/2 too")
+        print(f"ReasonFlux-PRM accepts {sum(prm_accepts(scores, False)):,} of {len(records):,} records "
+              f"(every step >= 1/2), {sum(prm_accepts(scores, True)):,} with the trajectory >= 1/2 too")
 
     start = evaluate_init(cfg, tok, questions, device)
     print(format_accuracy("start (no training)", start))
