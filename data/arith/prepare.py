@@ -10,6 +10,8 @@ Files (same seed, same bytes):
                         sees before selection (select_data.py)
     prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
+    rl_hard.jsonl       harder questions for GRPO, one operation more than any record: where the policy
+                        rarely gets an answer right, so the rule reward is sparse (grpo.py, README)
     test.jsonl          held-out test questions, disjoint from everything above
     facts.txt           single-operation facts, the stand-in for a pretrained base model
     tokenizer.tiktoken  byte-level BPE ranks in tiktoken's file format (digits one per token)
@@ -138,6 +140,9 @@ def prepare(cfg, wcfg=None):
     train, pool, prm_eval = (records[:cfg.n_train], records[cfg.n_train:cfg.n_train + cfg.n_pool],
                              records[cfg.n_train + cfg.n_pool:])
     facts = task.fact_lines(rng, wcfg, cfg.n_facts)
+    # drawn last, so that every file above stays as it was before this one existed
+    hard = dataclasses.replace(wcfg, min_ops=wcfg.max_ops + 1, max_ops=wcfg.max_ops + 1)
+    rl_hard = make_questions(rng, hard, cfg.n_rl, seen, 0)
 
     # the tokenizer is trained on everything the models will read
     corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
@@ -148,6 +153,7 @@ def prepare(cfg, wcfg=None):
 
     write_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
     write_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
+    write_atomic(os.path.join(cfg.out_dir, "rl_hard.jsonl"), jsonl(rl_hard))
     write_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
     write_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
     write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
