@@ -5,6 +5,8 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=3   # the β sweep
+    python grpo.py --variants=rule,mix --seeds=6 --questions=data/arith/rl_hard.jsonl
+                                                      # questions one operation harder: a sparse rule reward
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
