@@ -149,8 +149,16 @@ class KVCache:
         return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
 
     def keep_rows(self, keep):
-        """Keep only the batch rows where keep (B,) is True (rows that finished are dropped)."""
-        self.k, self.v = self.k[keep], self.v[keep]
+        """Keep only the batch rows where keep (B,) is True (rows that finished are dropped).
+
+        Only the written part [0, pos) is copied: the rest of a new cache is written before it is read.
+        """
+        rows = keep.nonzero().squeeze(1)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty((len(rows),) + old.shape[1:])
+            new[:, :, :self.pos] = old[:, :, :self.pos].index_select(0, rows)
+            setattr(self, name, new)
 
 
 class GPT(nn.Module):

@@ -55,6 +55,17 @@ def test_rows_stop_independently_at_eos():
     assert (out[0, 7:] == eos).all()
 
 
+def test_kv_cache_keeps_the_written_part_of_the_rows_it_keeps():
+    from model import KVCache
+    cache = KVCache(3, 2, 10, 4, "cpu", torch.float32)
+    k, v = torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)
+    cache.append(k, v)
+    cache.keep_rows(torch.tensor([True, False, True]))
+    k2, v2 = cache.append(torch.ones(2, 2, 1, 4), torch.zeros(2, 2, 1, 4))
+    assert torch.equal(k2[:, :, :6], k[[0, 2]]) and torch.equal(v2[:, :, :6], v[[0, 2]])
+    assert k2.shape == (2, 2, 7, 4) and (k2[:, :, 6] == 1).all() and (v2[:, :, 6] == 0).all()
+
+
 def test_attention_mask_lets_every_query_see_itself():
     key_ok = torch.tensor([[False, False, True, True]])
     mask = attention_mask(key_ok, 0)[0, 0]
