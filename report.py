@@ -52,10 +52,8 @@ def tts_table(bon, path):
 STAGES = [
     ("prepare", "Data", "python data/arith/prepare.py", None, None, None),
     ("base", "Base model", "python sft.py --pretrain --out_dir=out/base", "base/ckpt.pt", None, None),
-    ("policy", "SFT: the policy", "python sft.py --init=out/base/ckpt.pt --out_dir=out/policy",
-     "policy/eval.json", sft_table, None),
-    ("start", "SFT: where selection's students start",
-     "python sft.py --init=out/base/ckpt.pt --max_steps=2000 --out_dir=out/start", "start/eval.json", sft_table, None),
+    ("policy", "SFT: the policy", "python sft.py --init=out/base/ckpt.pt --out_dir=out/policy "
+     "--snapshot_step=2000 --snapshot_dir=out/start", "policy/eval.json", sft_table, None),
     ("prm", "Synthetic ProcessBench (train_prm.py)", "python train_prm.py --eval --rows=main,response,outcome,confidence", "prm/processbench.json",
      prm_table, "prm/score_histograms.png"),
     ("select", "Offline data selection (select_data.py)", "python select_data.py", "select/results.json",

@@ -11,10 +11,11 @@ P=${PRESET:+--preset=$PRESET}   # PRESET=gpu bash run.sh: the larger run for one
 
 stage prepare python data/arith/prepare.py                                                   # 1. training records, selection pool, questions, tokenizer
 stage base    python sft.py --pretrain --out_dir=out/base $P                                 # 2. base model: arithmetic facts
-stage policy  python sft.py --init=out/base/ckpt.pt --out_dir=out/policy $P                  # 3. the policy: SFT on the training records
-stage start   python sft.py --init=out/base/ckpt.pt --max_steps=2000 --out_dir=out/start $P  # 4. where selection's students start: never trained on the pool
-stage prm     python train_prm.py --eval --rows=main,response,outcome,confidence $P          # 5. reward design, PRMs, ProcessBench (all rows: drop --rows)
-stage select  python select_data.py $P                                                       # 6. offline: data selection from the pool
-stage grpo    python grpo.py --variants=rule,mix --seeds=3 $P                                # 7. online: GRPO, rule vs rule + PRM (β = 0.75)
-stage tts     python tts.py $P                                                               # 8. test time: Best-of-N
+stage policy  python sft.py --init=out/base/ckpt.pt --out_dir=out/policy --snapshot_step=2000 --snapshot_dir=out/start $P
+                                                                                             # 3. the policy: SFT on the training records. Its step 2000, kept in
+                                                                                             #    out/start, is where selection's students start: it never saw the pool
+stage prm     python train_prm.py --eval --rows=main,response,outcome,confidence $P          # 4. reward design, PRMs, ProcessBench (all rows: drop --rows)
+stage select  python select_data.py $P                                                       # 5. offline: data selection from the pool
+stage grpo    python grpo.py --variants=rule,mix --seeds=3 $P                                # 6. online: GRPO, rule vs rule + PRM (β = 0.75)
+stage tts     python tts.py $P                                                               # 7. test time: Best-of-N
 python report.py                                                                             # out/results.md: every table, with times

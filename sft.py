@@ -73,6 +73,8 @@ class SFTConfig:
     ckpt_every: int = 250
     resume: bool = False
     stop_at: int = 0               # stop after this step but keep max_steps' schedule (pause; --resume later)
+    snapshot_step: int = 0         # also keep the model of this step (a multiple of ckpt_every; 0 = none) ...
+    snapshot_dir: str = ""         # ... as snapshot_dir/ckpt.pt (run.sh: where selection's students start)
     device: str = ""
     compile: bool = False
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
@@ -89,7 +91,7 @@ SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_qu
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (training.check_options), and the values of a choice
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
-                eval_questions=0, log_every=1, ckpt_every=1, stop_at=0)
+                eval_questions=0, log_every=1, ckpt_every=1, stop_at=0, snapshot_step=0)
 CHOICES = dict(subset=("all", "clean"))
 
 
@@ -177,7 +179,12 @@ def main(argv=None):
     check_options(cfg, AT_LEAST, CHOICES)
     require(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0,
             f"--n_embd={cfg.n_embd} must split into --n_head={cfg.n_head} heads of an even size (rotary pairs)")
-    check_writable(cfg.out_dir)
+    if cfg.snapshot_step:
+        require(cfg.snapshot_dir, "--snapshot_step needs --snapshot_dir: where to keep the snapshot")
+        require(cfg.snapshot_step < cfg.max_steps and cfg.snapshot_step % cfg.ckpt_every == 0,
+                f"--snapshot_step={cfg.snapshot_step} must be below --max_steps={cfg.max_steps} and a multiple "
+                f"of --ckpt_every={cfg.ckpt_every} (the snapshot is taken when a checkpoint is)")
+    check_writable(cfg.out_dir, cfg.snapshot_dir)
     device = pick_device(cfg.device)
     rank, world, device = init_distributed(device)
     if rank == 0:
@@ -225,9 +232,14 @@ def main(argv=None):
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
 
     def save(step, opt):
-        if rank == 0:
-            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
-                                                       optimizer=opt.state_dict(), step=step))
+        if rank != 0:
+            return
+        save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
+                                                   optimizer=opt.state_dict(), step=step))
+        if step == cfg.snapshot_step:  # the same weights, kept: an earlier model of this very run
+            save_checkpoint(os.path.join(cfg.snapshot_dir, "ckpt.pt"),
+                            make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin, step=step))
+            print(f"snapshot of step {step}: {cfg.snapshot_dir}/ckpt.pt")
 
     info = train(train_model, lm_batch_loss(X, Y, device, world), target_lengths(Y), cfg, device, rank, world,
                  ckpt_fn=save, start_step=start_step, optimizer=optimizer, metrics_path=metrics_path,

@@ -99,10 +99,9 @@ def test_report_has_each_present_stage_and_lists_missing_ones(tmp_path):
     assert "80 held-out records" in md and "6 questions x 4 samples" in md and "![Best-of-N (tts.py)](tts/tts.png)" in md
     # the stage times, and the stages that have not run listed as missing
     for line in ("| prepare | done | 12 |", "| base | done | 300 |", "| policy | done | 250 |", "| prm | done | 400 |",
-                 "| grpo | done | 900 |", "| tts | done | 60 |", "| start | missing |  |", "| select | missing |  |"):
+                 "| grpo | done | 900 |", "| tts | done | 60 |", "| select | missing |  |"):
         assert line in md, line
     assert "Total wall time: 32.0 min." in md
-    assert "(missing: stage `start` has not written start/eval.json yet)" in md
     assert "(missing: stage `select` has not written select/results.json yet)" in md
 
 
@@ -120,6 +119,6 @@ def test_report_of_a_lone_stage_and_a_single_grpo_run(tmp_path):
     assert table.strip("\n") in md and "seeds [1, 2]; 42s" in md
     assert grpo.format_table(grpo.summarise([single]), 20).strip("\n") in md
     assert "Total wall time" not in md   # no times.txt: nothing to sum
-    for name in ("prepare", "base", "policy", "start", "prm", "tts"):
+    for name in ("prepare", "base", "policy", "prm", "tts"):
         assert f"| {name} | missing |  |" in md, name
     assert "| select | done |  |" in md and "| grpo | done |  |" in md

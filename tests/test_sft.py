@@ -50,10 +50,16 @@ def test_resume_continues_to_the_same_weights(smoke_data, smoke_base, tmp_path):
     args = ["sft.py", "--smoke", f"--init={smoke_base}", "--eval_questions=0", *data_args(smoke_data)]
     run_script(*args, f"--out_dir={tmp_path / 'full'}")
     # pretend the run was killed after step 10 (--stop_at keeps the 20-step schedule), then resume
-    run_script(*args, f"--out_dir={tmp_path / 'half'}", "--ckpt_every=10", "--stop_at=10")
+    # ... and keep a snapshot of step 10 on the way (run.sh: the selection students' start)
+    run_script(*args, f"--out_dir={tmp_path / 'half'}", "--ckpt_every=10", "--stop_at=10",
+               "--snapshot_step=10", f"--snapshot_dir={tmp_path / 'snap'}")
     ck = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)
     assert ck["step"] == 10
     run_script(*args, f"--out_dir={tmp_path / 'half'}", "--resume")
+    snap = load_checkpoint(str(tmp_path / "snap" / "ckpt.pt"), kind="policy")
+    assert snap["step"] == 10 and "optimizer" not in snap
+    assert all(torch.equal(snap["model"][k], ck["model"][k]) for k in ck["model"]), "the snapshot is step 10's model"
+    assert snap["origin"] == ck["origin"], "its recorded origin is the run's: select_data.py reads it"
     a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["model"]
     assert torch.load(tmp_path / "half" / "ckpt.pt", weights_only=True)["step"] == 20
@@ -92,6 +98,8 @@ def test_bad_inputs_are_refused_clearly(smoke_data, smoke_base, tmp_path):
     assert proc.returncode != 0 and "no_such_key" in proc.stderr
     proc = run_script("sft.py", "--smoke", "--max_steps=many", check=False)
     assert proc.returncode != 0 and "max_steps" in proc.stderr
+    proc = run_script("sft.py", "--smoke", "--snapshot_step=5", f"--snapshot_dir={tmp_path / 'snap'}", check=False)
+    assert proc.returncode != 0 and "--snapshot_step=5" in proc.stderr and "ckpt_every" in proc.stderr
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, tmp_path):
