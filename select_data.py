@@ -2,7 +2,7 @@
 Offline data selection: score the distilled pool with the PRMs, keep K records, train students.
 
     python select_data.py                                  # 8 selectors x 3 seeds
-    python select_data.py --k=500 --seeds=5
+    python select_data.py --k=1000 --seeds=5
     python select_data.py --selectors=random,rf_total,oracle --budget_tokens=200000
 
 Reproduces the paper's first use of the PRM (its offline data selection table): every record
@@ -21,10 +21,10 @@ its accuracy on held-out questions says how good the selection was. Selectors:
                       evaluation only; it is the only selector that reads `meta`
 
 Protocol. The student has never seen the selection pool: every student starts from
---init (run.sh's `start`: a short SFT of the base model on the training records, which are
-disjoint from the pool; check_never_trained_on refuses a start whose recorded origin
-includes the pool), so what it learns of the pool's reasoning comes from the K records it
-is given. In row s every selector's student trains with seed s (batch order), and the
+--init (run.sh's out/start: the policy's own SFT run at step 2000 of 6000, kept by
+`sft.py --snapshot_step`; it was trained only on the training records, which are disjoint from
+the pool, and check_never_trained_on refuses a start whose recorded origin includes the pool),
+so what it learns of the pool's reasoning comes from the K records it is given. In row s every selector's student trains with seed s (batch order), and the
 selectors that draw at random (ReasonFlux-PRM too) select with seed s. Every student sees
 the same number of target tokens: training.train draws the batch of step t from (seed, t)
 alone, so a student trains for the fewest steps whose batches hold --budget_tokens
@@ -36,7 +36,8 @@ removed; the composition table reads `meta` only to explain results.
 Why this start, K and budget: from the base model (facts only) a student learns too little
 in a short run to tell good data from bad; from the policy, which was trained on records
 like these, every selection only moves it down. A start that knows the format but reasons
-poorly leaves room for the selected records to teach. K is 10% of the pool, so the top of a
+poorly leaves room for the selected records to teach: the policy's run at a third of its
+steps is one, and keeping it costs no training of its own. K is 5% of the pool, so the top of a
 ranking is far purer than the pool; the budget is several passes over the K records, where
 flawed records hurt most; a lower learning rate than SFT's keeps a student near its start.
 
@@ -79,12 +80,12 @@ class SelectConfig:
     prm: str = "out/prm/ckpt.pt"                     # ReasonFlux-PRM
     prm_response: str = "out/prm_response/ckpt.pt"   # response-only PRM (train_prm.py --labels=mc)
     selectors: str = "random,outcome,response_prm,confidence,rf_total,rf_step,rf_top_k,oracle"
-    k: int = 1000                  # records kept per selector (10% of the pool, see the docstring)
+    k: int = 500                   # records kept per selector (5% of the pool, see the docstring)
     seeds: int = 3                 # rows: seeds seed, seed + 1, ...
     workers: int = 2               # students at a time, each in a process of one thread (training.map_in_processes)
     seed: int = 1337
     # the student's budget: identical for every selector
-    budget_tokens: int = 400_000   # target tokens each student sees: ~7 passes over K records
+    budget_tokens: int = 400_000   # target tokens each student sees: ~11 passes over K records
     batch_size: int = 8            # small batches learn more per token (sft.py)
     lr: float = 5e-4               # a quarter of SFT's: the student stays near its start
     min_lr: float = 5e-5
