@@ -85,7 +85,7 @@ class SelectConfig:
     workers: int = 2               # students at a time, each in a process of one thread (training.map_in_processes)
     seed: int = 1337
     # the student's budget: identical for every selector
-    budget_tokens: int = 400_000   # target tokens each student sees: ~11 passes over K records
+    budget_tokens: int = 300_000   # target tokens each student sees: ~8 passes over K records
     batch_size: int = 8            # small batches learn more per token (sft.py)
     lr: float = 5e-4               # a quarter of SFT's: the student stays near its start
     min_lr: float = 5e-5
