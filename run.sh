@@ -7,7 +7,7 @@ mkdir -p out/logs
 export PYTHONUNBUFFERED=1   # progress lines appear as they are printed, through tee too
 stage() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; "$@" 2>&1 | tee "out/logs/$name.log"; echo "$name $((SECONDS - t0))" >> out/logs/times.txt; }
 rm -f out/logs/times.txt
-P=${PRESET:+--preset=$PRESET}   # PRESET=gpu bash run.sh: the larger run for one GPU (README, "Presets")
+P=${PRESET:+--preset=$PRESET}   # PRESET=gpu bash run.sh: the larger run for one GPU (README, "Run it")
 
 stage prepare python data/arith/prepare.py                                                   # 1. training records, selection pool, questions, tokenizer
 stage base    python sft.py --pretrain --out_dir=out/base $P                                 # 2. base model: arithmetic facts

@@ -20,24 +20,25 @@ its accuracy on held-out questions says how good the selection was. Selectors:
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
 
-Protocol. The student has never seen the selection pool: every student starts from
---init (run.sh's out/start: the policy's own SFT run at step 2000 of 6000, kept by
-`sft.py --snapshot_step`; it was trained only on the training records, which are disjoint from
-the pool, and check_never_trained_on refuses a start whose recorded origin includes the pool),
-so what it learns of the pool's reasoning comes from the K records it is given. In row s every selector's student trains with seed s (batch order), and the
-selectors that draw at random (ReasonFlux-PRM too) select with seed s. Every student sees
-the same number of target tokens: training.train draws the batch of step t from (seed, t)
-alone, so a student trains for the fewest steps whose batches hold --budget_tokens
-(plan_steps; the counts agree within one batch, and the run checks that training saw exactly
-the planned count). Accuracy is greedy, on the same held-out questions for every student.
-Top-K is a stable sort by (-score, pool index). The selectors other than the oracle see the records with `meta`
-removed; the composition table reads `meta` only to explain results.
+Protocol. The student has never seen the selection pool: every student starts from --init
+(run.sh's out/start: the policy's own SFT run at step 2000, kept by `sft.py --snapshot_step`).
+It was trained only on the training records, which are disjoint from the pool, and
+check_never_trained_on refuses a start whose recorded origin includes the pool: what a student
+learns of the pool's reasoning comes from the K records it is given. In row s every selector's
+student trains with seed s (batch order), and the selectors that draw at random (ReasonFlux-PRM
+too) select with seed s. Every student sees the same number of target tokens: training.train
+draws the batch of step t from (seed, t) alone, so a student trains for the fewest steps whose
+batches hold --budget_tokens (plan_steps; the counts agree within one batch, and the run checks
+that training saw exactly the planned count). Accuracy is greedy, on the same held-out questions
+for every student. Top-K is a stable sort by (-score, pool index). The selectors other than the
+oracle see the records with `meta` removed; the composition table reads `meta` only to explain
+results.
 
 Why this start, K and budget: from the base model (facts only) a student learns too little
 in a short run to tell good data from bad; from the policy, which was trained on records
 like these, every selection only moves it down. A start that knows the format but reasons
-poorly leaves room for the selected records to teach: the policy's run at a third of its
-steps is one, and keeping it costs no training of its own. K is 5% of the pool, so the top of a
+poorly leaves room for the selected records to teach: the policy's run at step 2000 of 6000 is
+one, and keeping it costs no training of its own. K is 5% of the pool, so the top of a
 ranking is far purer than the pool; the budget is several passes over the K records, where
 flawed records hurt most; a lower learning rate than SFT's keeps a student near its start.
 
