@@ -7,6 +7,7 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
     python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=3   # the β sweep
     python grpo.py --variants=rule,mix --seeds=6 --questions=data/arith/rl_hard.jsonl
                                                       # questions one operation harder: a sparse rule reward
+    python grpo.py --variants=mix --expert_steps=true --seeds=3   # a perfect step checker in the PRM's place
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
@@ -24,6 +25,9 @@ Known variants, one flag each:
   --scale_std=false     Dr. GRPO: Â_i = r_i − mean, no division by the group std (no bias towards easy/hard groups)
   --loss_agg=sequence   GRPO's 1/G Σ_i 1/|o_i| Σ_t (each completion weighs the same); token (default): 1/Σ|o_i| Σ_i Σ_t
   --clip_high=0.28      DAPO clip-higher: a wider upper clip lets unlikely tokens grow (keeps entropy up)
+  --expert_steps=true   the expert's step labels (task.judge) in place of the PRM's step and response scores:
+                        what a perfect step checker would add (an upper bound, not a model; the trajectory
+                        score stays the PRM's)
   --process=true        process supervision (DeepSeekMath §4.1.3, beyond the paper): the PRM's per-step scores,
                         normalised over the group, summed as a reward-to-go into each token's advantage
 
@@ -50,6 +54,7 @@ from dataclasses import dataclass, asdict, replace
 import torch
 import torch.nn.functional as F
 
+import task
 import training
 from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_and_verify, format_eta,
                    accuracy, token_logprobs, thinking_step_ends, token_tables)
@@ -72,6 +77,7 @@ class GRPOConfig:
     beta: float = 0.75                   # weight of the PRM term in mix (the paper's RL code)
     alpha: float = 1.0                   # the PRM's total = mean(step) + α·trajectory; 0: the step score alone
     process: bool = False                # process supervision from the PRM's step scores
+    expert_steps: bool = False           # the expert's step labels instead of the PRM's (an upper bound)
     # GRPO
     max_steps: int = 30                  # the CPU course's time: most of the rise comes early (--max_steps=100: longer)
     questions_per_step: int = 8          # Q
@@ -284,13 +290,24 @@ def process_inputs(Y, scores, alpha, tok, tables):
             torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
 
 
+def expert_step_scores(records, scores):
+    """The PRM's scores with every thinking and response step relabelled by the expert (task.judge):
+    a perfect step checker in the PRM's place, to measure what checking steps can add to the reward."""
+    return [{**s, "step": [task.judge(r["question"], r["thinking"][:t], line) for t, line in enumerate(r["thinking"])],
+             "response": [task.judge(r["question"], r["thinking"], line) for line in r["response"]]}
+            for r, s in zip(records, scores)]
+
+
 def reward_batch(tok, comps, qs, right, prm, cfg):
     """Rewards of completions of questions qs, verified right or not (the rule reward):
     {"rule" (B,), "prm" (B,) or None, "reward" (B,), "scores"}."""
     rule = torch.tensor(right, dtype=torch.float)
     out = {"rule": rule, "prm": None, "reward": rule, "scores": None}
     if cfg.reward in ("prm", "mix"):
-        scores = prm.score([completion_record(tok, q["question"], c) for c, q in zip(comps, qs)])   # sorted by length inside: small batches pad little
+        records = [completion_record(tok, q["question"], c) for c, q in zip(comps, qs)]
+        scores = prm.score(records)   # sorted by length inside: small batches pad little
+        if cfg.expert_steps:
+            scores = expert_step_scores(records, scores)
         total = [prm_total(s, cfg.alpha, prm.with_response) for s in scores]   # this run's α, not the checkpoint's
         prm_r = torch.tensor(total) / total_range(cfg.alpha, prm.with_response)   # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
@@ -449,6 +466,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 def variant_name(cfg):
     name = cfg.reward + ("+process" if cfg.process else "")
     name += f" β={cfg.beta:g}" if cfg.reward == "mix" else ""
+    name += " expert steps" if cfg.expert_steps and cfg.reward != "rule" else ""
     return name + (f" α={cfg.alpha:g}" if cfg.reward != "rule" and cfg.alpha != 1.0 else "")
 
 
@@ -575,7 +593,7 @@ def main(argv=None):
     jobs = []
     for k in range(cfg.seeds):         # seed by seed: the variants of a seed are paired, and finish together
         for run in runs:
-            name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_")
+            name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_").replace(" ", "_")
             rcfg = replace(run, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}"),
                            variants="", seeds=1)
             jobs.append((rcfg, tok, questions, test, start_eval))

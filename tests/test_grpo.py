@@ -275,3 +275,20 @@ def test_alpha_zero_rewards_the_step_score_alone(smoke_data, smoke_prms):
         assert rew["prm"].tolist() == pytest.approx(want, abs=1e-6)
     assert grpo.variant_name(grpo.GRPOConfig(reward="mix", alpha=0.0)) == "mix β=0.75 α=0"
     assert grpo.variant_name(grpo.GRPOConfig(reward="rule", alpha=0.0)) == "rule"
+
+
+def test_expert_steps_relabel_every_step_and_keep_the_trajectory(smoke_data, smoke_prms):
+    from rfprm import load_prm
+    prm = load_prm(str(smoke_prms["fused"]), "cpu")
+    tok = prm.tok
+    q = {"question": "2 + 3 * 4", "answer": 14}
+    comps = [encode_completion(tok, ["first, 3 * 4 = 12", "then 2 + 12 = 15"], ["1. 3 * 4 = 12", "Answer: 15"]),
+             encode_completion(tok, ["2 + 3 = 5", "ok"], ["Answer: 20"])]
+    cfg = grpo.GRPOConfig(reward="mix", expert_steps=True)
+    rew = grpo.reward_batch(tok, comps, [q, q], [False, False], prm, cfg)
+    plain = grpo.reward_batch(tok, comps, [q, q], [False, False], prm, grpo.GRPOConfig(reward="mix"))
+    # a right step 1, a slip 0; an operation out of precedence 0, a filler line ½; wrong answers 0
+    assert [s["step"] for s in rew["scores"]] == [[1.0, 0.0], [0.0, 0.5]]
+    assert [s["response"] for s in rew["scores"]] == [[1.0, 0.0], [0.0]]
+    assert [s["trajectory"] for s in rew["scores"]] == [s["trajectory"] for s in plain["scores"]]
+    assert grpo.variant_name(cfg) == "mix β=0.75 expert steps"
