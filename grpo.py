@@ -466,7 +466,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 def variant_name(cfg):
     name = cfg.reward + ("+process" if cfg.process else "")
     name += f" β={cfg.beta:g}" if cfg.reward == "mix" else ""
-    name += " expert steps" if cfg.expert_steps and cfg.reward != "rule" else ""
+    name += " expert" if cfg.expert_steps and cfg.reward != "rule" else ""
     return name + (f" α={cfg.alpha:g}" if cfg.reward != "rule" and cfg.alpha != 1.0 else "")
 
 

@@ -291,4 +291,4 @@ def test_expert_steps_relabel_every_step_and_keep_the_trajectory(smoke_data, smo
     assert [s["step"] for s in rew["scores"]] == [[1.0, 0.0], [0.0, 0.5]]
     assert [s["response"] for s in rew["scores"]] == [[1.0, 0.0], [0.0]]
     assert [s["trajectory"] for s in rew["scores"]] == [s["trajectory"] for s in plain["scores"]]
-    assert grpo.variant_name(cfg) == "mix β=0.75 expert steps"
+    assert grpo.variant_name(cfg) == "mix β=0.75 expert"
