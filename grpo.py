@@ -3,11 +3,11 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
 
     python grpo.py                                    # one run, reward=mix
     python grpo.py --reward=rule                      # the outcome-only baseline
-    python grpo.py --variants=rule,mix --seeds=3      # the comparison: mean ± std over seeds
-    python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=3   # the β sweep
-    python grpo.py --variants=rule,mix --seeds=6 --questions=data/arith/rl_hard.jsonl
-                                                      # questions one operation harder: a sparse rule reward
-    python grpo.py --variants=mix --expert_steps=true --seeds=3   # a perfect step checker in the PRM's place
+    python grpo.py --variants=rule,mix --seeds=6      # the comparison: mean ± std over seeds
+    python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=6   # the β sweep
+    python grpo.py --variants=rule,mix --seeds=3 --questions=data/arith/rl_questions.jsonl --scale_std=true
+                                                      # the records' own questions, GRPO's advantage
+    python grpo.py --variants=mix --expert_steps=true --seeds=6   # a perfect step checker in the PRM's place
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
   1. draw Q questions, sample G completions each at temperature τ (one batched KV-cache generation);
@@ -15,14 +15,15 @@ One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
        rule   r_i = verify(answer) ∈ {0, 1}
        prm    r_i = total_i / its largest value (rfprm.prm_total, rfprm.total_range), α = 1 (--alpha; 0: steps only)
        mix    r_i = (1 − β)·rule_i + β·prm_i   (the paper's mix; β is not stated, its RL code puts 0.75)
-  3. group-normalised advantage Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), the same for all tokens;
+  3. group-normalised advantage Â_i = r_i − mean(r_group) (Dr. GRPO; GRPO divides by std(r_group) + ε),
+     the same for all tokens;
   4. μ optimisation passes, each one AdamW step, on
        J = mean over completion tokens of  min(ρ_it Â_it, clip(ρ_it, 1 − ε, 1 + ε_high) Â_it) − β_KL·D_it
        ρ_it = π_θ(o_it | ·) / π_old(o_it | ·),  D_it = π_ref/π_θ − log(π_ref/π_θ) − 1  (the k3 estimator,
        unbiased and ≥ 0) against the frozen starting policy π_ref.
 
 Known variants, one flag each:
-  --scale_std=false     Dr. GRPO: Â_i = r_i − mean, no division by the group std (no bias towards easy/hard groups)
+  --scale_std=true      GRPO's Â_i = (r_i − mean) / (std + ε); the default is Dr. GRPO's r_i − mean (below)
   --loss_agg=sequence   GRPO's 1/G Σ_i 1/|o_i| Σ_t (each completion weighs the same); token (default): 1/Σ|o_i| Σ_i Σ_t
   --clip_high=0.28      DAPO clip-higher: a wider upper clip lets unlikely tokens grow (keeps entropy up)
   --expert_steps=true   the expert's step labels (task.judge) in place of the PRM's step and response scores:
@@ -34,7 +35,18 @@ Known variants, one flag each:
 With μ = 1 (the default) π_old = π_θ: the ratio is 1, nothing is clipped and the printed loss sits
 near zero, yet the gradient is the policy gradient. Watch reward and accuracy, not the loss.
 
-Where this departs from, or simplifies, GRPO and the paper:
+Two defaults depart from the paper's setting, so that a step score has something to add to the rule:
+  * the questions (rl_hard.jsonl) are one operation harder than any training record, so right samples
+    are rare and most groups are all wrong under the rule: there the PRM's ranking of the wrong samples
+    is the signal. On the records' own questions (--questions=data/arith/rl_questions.jsonl) the rule,
+    an exact verifier, already separates the samples of three groups in four, and no step score, not
+    even the expert's own labels (--expert_steps), adds to it;
+  * the advantage is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with no division by the group's
+    std (--scale_std=true: GRPO's). The std is smallest where one sample of eight is right, so GRPO
+    weighs a lone right answer most, and on these questions the rule reward alone then falls below
+    the starting policy.
+
+Where this departs from, or simplifies, GRPO and the paper otherwise:
   * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
   * π_ref is the starting policy and never updated; the PRM is frozen (no iterative RL);
   * log-probs at the sampling temperature τ (as sampled), no top-k, dropout off throughout;
@@ -69,7 +81,7 @@ class GRPOConfig:
     out_dir: str = "out/grpo"
     init: str = "out/policy/ckpt.pt"     # the starting policy, and the frozen reference π_ref
     prm: str = "out/prm/ckpt.pt"         # ReasonFlux-PRM (read only when the reward needs it)
-    questions: str = "data/arith/rl_questions.jsonl"
+    questions: str = "data/arith/rl_hard.jsonl"   # one operation harder than any record (see the docstring)
     test: str = "data/arith/test.jsonl"
     tokenizer: str = DEFAULT_VOCAB
     # reward
@@ -87,7 +99,7 @@ class GRPOConfig:
     clip_eps: float = 0.2
     clip_high: float = 0.0               # upper clip ε_high; 0 = clip_eps (symmetric); DAPO: 0.28
     kl_coef: float = 0.04
-    scale_std: bool = True               # False: Dr. GRPO
+    scale_std: bool = False              # Dr. GRPO (ours, see the docstring); True: GRPO's Â / std
     loss_agg: str = "token"              # token | sequence
     temperature: float = 1.0
     max_new_tokens: int = 128
@@ -134,7 +146,8 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
     """Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), groups contiguous (DeepSeekMath eq. 3's Â).
 
     rewards (N,) with N = n_groups * group_size -> (N,). std is the unbiased one (as TRL);
-    scale_std=False is Dr. GRPO (no division). A group whose rewards are all equal gets 0.
+    scale_std=False is Dr. GRPO (no division), grpo.py's default (ours: the module docstring says
+    why). A group whose rewards are all equal gets 0.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
     [0.7070068..., -0.7070068..., 0.0, 0.0]

@@ -58,7 +58,7 @@ STAGES = [
      prm_table, "prm/score_histograms.png"),
     ("select", "Offline data selection (select_data.py)", "python select_data.py", "select/results.json",
      select_table, "select/select.png"),
-    ("grpo", "GRPO (grpo.py)", "python grpo.py --variants=rule,mix --seeds=3", "grpo/results.json",
+    ("grpo", "GRPO (grpo.py)", "python grpo.py --variants=rule,mix --seeds=6", "grpo/results.json",
      grpo_table, "grpo/grpo.png"),
     ("tts", "Best-of-N (tts.py)", "python tts.py", "tts/results.json", tts_table, "tts/tts.png"),
 ]

@@ -16,6 +16,6 @@ stage policy  python sft.py --init=out/base/ckpt.pt --out_dir=out/policy --snaps
                                                                                              #    out/start, is where selection's students start: it never saw the pool
 stage prm     python train_prm.py --eval --rows=main,response,outcome,confidence $P          # 4. reward design, PRMs, ProcessBench (all rows: drop --rows)
 stage select  python select_data.py $P                                                       # 5. offline: data selection from the pool
-stage grpo    python grpo.py --variants=rule,mix --seeds=3 $P                                # 6. online: GRPO, rule vs rule + PRM (β = 0.75)
+stage grpo    python grpo.py --variants=rule,mix --seeds=6 $P                                # 6. online: GRPO, rule vs rule + PRM (β = 0.75), harder questions
 stage tts     python tts.py $P                                                               # 7. test time: Best-of-N
 python report.py                                                                             # out/results.md: every table, with times
