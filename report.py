@@ -27,7 +27,9 @@ def sft_table(res, path):
 
 def prm_table(pb, path):
     note = f"{pb['n_eval']} held-out records; seconds per PRM: " + ", ".join(f"{k} {v:.0f}" for k, v in pb["seconds"].items())
-    return train_prm.format_table(pb["rows"]), note
+    tables = [train_prm.format_table(pb["rows"], "records' voice")]
+    tables += [train_prm.format_table(rows, name) for name, rows in pb.get("shifted", {}).items()]
+    return "\n".join(tables), note
 
 
 def select_table(sel, path):

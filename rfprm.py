@@ -16,7 +16,7 @@ final response a_1..a_J:
 Four defaults depart from the paper so that its idea works at this scale; each is named in the
 docstring of its function, and its paper form is an option of train_prm.py and a row of its table:
  1. readout: R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t the surprise of the PRM's own LM head at step
-    t's operation and result (PRM, step_surprise);
+    t's result (PRM, step_surprise);
  2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (gated_fusion);
  3. trajectory reward: r_final relative to the policy's own success on the question (relative_final);
  4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
@@ -24,7 +24,6 @@ docstring of its function, and its paper form is an option of train_prm.py and a
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """
 
-import re
 import sys
 import time
 
@@ -290,32 +289,22 @@ def design_rewards(records, tok, policy, encoder="tfidf", tau=0.1, n_negatives=8
 # ----------------------------------------------------------------------------
 # the PRM: the GPT backbone, a scalar head read where each step ends, and the surprise term
 
-# a step's result: the last number written after '=', 'is' or 'Answer:'
-RESULT_RE = re.compile(r"(?:=|\bis|Answer:) ?(-?\d{1,12})")
-
-
 def step_result_tokens(tok, line):
     """A step's token ids, the indices of those that state its result, and of those its
     surprise term checks.
 
-    The result is the last number after '=', 'is' or 'Answer:' ('then 4 * 3 = 12',
-    'wait, 4 * 3 is 12, not 13', 'so the answer is 15', 'Answer: 15'); a filler has none.
-    Digits are one token each, so a result is one to three tokens. The checked tokens are the
-    last computation 'a op b = c' of the line, operands and operator included, or the result
-    alone where the line has none: a step can be wrong in what it computes (an operand that
-    is not there, an operation out of precedence) as well as in its arithmetic.
+    Where the line states its result and which span is checked is the expert's reading
+    (task.result_span): the result of the last computation ('then 4 * 3 gives 12', a
+    correction's right value) or the number a conclusion or answer states; the checked span is
+    that computation, operands and connective included. A filler has neither. Digits are one
+    token each, so a result is one to three tokens.
     """
     ids = tok.enc.encode_ordinary(line)
-    result = computation = None
-    for result in RESULT_RE.finditer(line):
-        pass
-    for computation in task.STEP_RE.finditer(line):
-        pass
-    if result is None:
+    spans = task.result_span(line)
+    if spans is None:
         return ids, [], []
     in_bytes = lambda lo, hi: (len(line[:lo].encode()), len(line[:hi].encode()))
-    spans = [in_bytes(result.start(1), result.end(1)),
-             in_bytes(*computation.span()) if computation else in_bytes(result.start(1), result.end(1))]
+    spans = [in_bytes(*s) for s in spans]
     out, pos = ([], []), 0
     for k, t in enumerate(ids):
         for span, chosen in zip(spans, out):
@@ -402,8 +391,8 @@ def step_surprise(gpt, h, idx, token_of):
     one of the step's tokens, log p(token_p | tokens < p); 0 elsewhere and for a step without one.
 
     h (B, T, C) the backbone's hidden states of idx (B, T); token_of (B, T) from prm_tokens:
-    checked_of (the PRM's ℓ_t: the tokens of the step's operation and result) or step_of (every
-    token of the step: the confidence baseline). Token p is predicted at position p − 1, so only those
+    result_of or checked_of (the PRM's ℓ_t: the step's result, or its whole computation; PRM.read_key)
+    or step_of (every token of the step: the confidence baseline). Token p is predicted at position p − 1, so only those
     positions go through the LM head.
     """
     B, T = idx.shape
@@ -434,29 +423,34 @@ class PRM(nn.Module):
 
     readout="surprise" (ours, the default):   R_φ(t) = σ(w·h_t + a·ℓ_t + b)
         ℓ_t (step_surprise): how surprised the backbone's own language-model head is by step t's
-        operation and result ('4 * 3 = 12'). Why: at the step's last token a small backbone
-        would have to recompute the arithmetic; its next-token prediction already did, at the
-        ` =`. The operands count too: an operand that is not in the question, or an operation
-        taken out of precedence, surprises a head that knows what comes next. The LM head trains
-        end to end with the reward head, and train_prm.py adds a language-model loss on the
-        operations and results of the steps the expert approved, which keeps the head sharp (a
-        frozen copy of the policy, the other way, costs a second model). a starts at 1: a lone
-        scalar moves slowly.
+        result. Why: at the step's last token a small backbone would have to recompute the
+        arithmetic; its next-token prediction already did, where the result begins. Why the
+        result alone (checked="result", ours): what comes before it, the lead and the words for
+        '=', differs from voice to voice, and in words the head never read even right operands
+        surprise it; the result, given the operands, is the arithmetic itself in any voice.
+        checked="computation" reads the operands and connective as well (an operand that is not
+        in the question surprises a head that knows what comes next), a row of the table. The LM
+        head trains end to end with the reward head, and train_prm.py adds a language-model loss
+        on the same tokens of the steps the expert approved, which keeps the head sharp (a frozen
+        copy of the policy, the other way, costs a second model). a starts at 1: a lone scalar
+        moves slowly.
     readout="plain" (the paper):   R_φ(t) = σ(w·h_t + b)
     readout="confidence" (a baseline, untrained): R(t) = exp(min over all the step's tokens of
         their log-probability), under the policy itself, with no head.
     """
 
-    def __init__(self, cfg, readout="surprise"):
+    def __init__(self, cfg, readout="surprise", checked="result"):
         super().__init__()
         if readout not in ("surprise", "plain", "confidence"):
             raise ValueError(f"readout must be surprise, plain or confidence; got {readout!r}")
+        if checked not in ("result", "computation"):
+            raise ValueError(f"checked must be result or computation; got {checked!r}")
         self.gpt = GPT(cfg)
         self.head = nn.Linear(cfg.n_embd, 1)                   # w, b
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.surprise_weight = nn.Parameter(torch.ones(()))    # a
-        self.config, self.readout = cfg, readout
+        self.config, self.readout, self.checked = cfg, readout, checked
         self.tok = None              # set by load_prm, for score()
         self.alpha = 1.0             # total = mean(step) + α · trajectory (the paper's headline α)
         self.mode = "full"           # "response_only": the baseline reads thinking steps as response steps
@@ -474,6 +468,13 @@ class PRM(nn.Module):
         if self.readout == "surprise" and token_of is not None:
             logit = logit + self.surprise_weight * step_surprise(self.gpt, h, idx, token_of)
         return torch.sigmoid(logit), lm_loss
+
+    def read_key(self):
+        """Which tokens of a step ℓ reads (a key of prm_tokens): all of them for the confidence
+        baseline, else the result (checked="result") or the whole computation."""
+        if self.readout == "confidence":
+            return "step_of"
+        return "result_of" if self.checked == "result" else "checked_of"
 
     @torch.no_grad()
     def score(self, records, batch_size=None):
@@ -496,7 +497,7 @@ class PRM(nn.Module):
         out = [None] * len(encoded)
         for i in range(0, len(order), batch_size):
             chunk = [encoded[k] for k in order[i:i + batch_size]]
-            idx, token_of = batch_of(chunk, self.tok.eot, "step_of" if self.readout == "confidence" else "checked_of")
+            idx, token_of = batch_of(chunk, self.tok.eot, self.read_key())
             s = self(idx.to(device), token_of.to(device))[0].cpu().tolist()
             for j, e in enumerate(chunk):
                 rec = {"step": [s[j][p] for p in e["think"]], "response": [s[j][p] for p in e["response"]],
@@ -555,7 +556,7 @@ def load_prm(path, device=None):
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
         raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
                        f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
-    prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"))
+    prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"), ckpt.get("checked", "computation"))
     prm.load_state_dict(ckpt["model"])
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
     prm.with_response = cfg.get("response", False)

@@ -116,7 +116,9 @@ def parse(text, flat=False):
         pos += 1
         if tok == "(":
             node = expr(0)
-            pos += 1  # ")"
+            if pos >= len(tokens) or tokens[pos] != ")":
+                raise ValueError(f"unclosed parenthesis in {text!r}")
+            pos += 1
             return node
         return int(tok)
 
@@ -132,7 +134,10 @@ def parse(text, flat=False):
             left = (op, left, expr(p + 1))
         return left
 
-    return expr(0)
+    tree = expr(0)
+    if pos != len(tokens) or "".join(tokens) != "".join(text.split()):
+        raise ValueError(f"not an expression of this world: {text!r}")  # e.g. '3 + 4 / 2', '3 4'
+    return tree
 
 
 def solution_steps(tree, override=None):
@@ -179,111 +184,218 @@ def make_question(rng, cfg, n_ops=None):
 
 
 # ----------------------------------------------------------------------------
+# voices: the teacher's phrasings, split into a training voice and a held-out voice
+
+
+def phrases(heads, tails):
+    """Every head followed by every tail: a small grammar that makes dozens of lines from a few words."""
+    return [h + t for h in heads for t in tails]
+
+
+# Each kind of line has its own bank in each voice. `{s}` is a computation as the voice writes
+# it ('4 * 3 gives 12'), `{w}` a wrong value, `{n}` the answer, `{k}` a response step's number.
+# The two voices share no phrase, and no head or tail either: a PRM trained on one has never
+# read the words of the other. Only the arithmetic ('4 * 3', the numbers) is common to both.
+VOICES = {
+    "train": {
+        "opener": phrases(["let me ", "ok, let me ", "alright, let me ", "i will ", "now to "],
+                          ["work through this", "solve this step by step", "mind the order of operations",
+                           "start with the inner part", "take it one operation at a time", "think this through"]),
+        "first": ["first, ", "", "to start, ", "start: ", "begin with "],
+        "lead": ["then ", "next, ", "now ", "", "after that, ", "so ", "and ", "then, ", "next up, "],
+        "equals": ["=", "gives", "is", "makes"],
+        "filler": phrases(["hmm, ", "ok, ", "right, ", "alright, "],
+                          ["let me keep going", "that looks right so far", "one more to go",
+                           "let me think about the next part", "so far so good", "keep going"]),
+        "aside": ["also, just to see, ", "as a side note, ", "by the way, ", "out of curiosity, ", "aside: "],
+        "check": phrases(["check: ", "verify: ", "checking: ", "let me check, "],
+                         ["{s}, ok", "{s}, yes", "{s}, correct", "{s} holds"]),
+        "fix": phrases(["wait, ", "no, ", "oops, ", "hang on, "], ["{s}, not {w}", "{s}, not {w} as i wrote"]),
+        "conclusion": ["so the answer is {n}", "the answer is {n}", "so the final answer is {n}",
+                       "that makes the answer {n}", "in the end it is {n}", "final answer {n}"],
+        "response_step": ["{k}. {s}", "step {k}: {s}"],
+    },
+    "heldout": {
+        "opener": phrases(["we should ", "our job: ", "the plan is to ", "here we "],
+                          ["crack this one", "evaluate the expression", "respect precedence",
+                           "go inside out", "handle each piece in turn", "reduce it gradually"]),
+        "first": ["to begin, ", "initially, ", "opening move: ", "inner part: "],
+        "lead": ["moving on, ", "following that, ", "in turn, ", "from there, ", "afterwards, ",
+                 "subsequently, ", "onward: ", "continuing, "],
+        "equals": ["equals", "->", "comes to", "yields"],
+        "filler": phrases(["well, ", "fine, ", "good, "],
+                          ["onward", "on to the rest", "nearly there", "the rest should follow",
+                           "no trouble yet", "steady progress"]),
+        "aside": ["unrelated, but ", "just for fun, ", "tangent: ", "idle thought: "],
+        "check": phrases(["sanity test: ", "re-doing it: ", "confirming: ", "once more: "],
+                         ["{s}, good", "{s}, confirmed", "{s}, agreed", "{s}, it fits"]),
+        "fix": phrases(["correction: ", "scratch that, ", "my mistake, "],
+                       ["{s} rather than {w}", "{s}, instead of {w}"]),
+        "conclusion": ["therefore {n}", "final result: {n}", "which leaves us with {n}", "all told, {n}",
+                       "the result must be {n}", "overall we get {n}"],
+        "response_step": ["({k}) {s}", "{k}) {s}"],
+    },
+}
+
+
+# ----------------------------------------------------------------------------
 # the simulated distilling teacher
 
 def fmt(a, op, b, c):
+    """A computation as a final response writes it: '4 * 3 = 12'."""
     return f"{a} {op} {b} = {c}"
 
 
-OPENERS = ["let me work through this", "ok, mind the order of operations",
-           "let me solve this step by step", "start with the inner part"]
-LEADS = ["first, ", "then ", "next, ", "now ", ""]
-FILLERS = ["hmm, let me keep going", "hmm, that looks right so far",
-           "ok, one more to go", "let me think about the next part"]
+class Writer:
+    """One trajectory being written, line by line, in one voice, with each line's hidden truth.
+
+    Ground truth for a computation or check line: is it a step the correct solution makes
+    (right operands, right result)? A conclusion is correct when it states the right answer;
+    openers, fillers, asides and corrections of a slip are correct.
+    """
+
+    def __init__(self, rng, cfg, voice, steps):
+        self.rng, self.cfg, self.bank = rng, cfg, VOICES[voice]
+        self.true_set = set(steps)
+        self.lines, self.ok = [], []
+
+    def pick(self, kind, **slots):
+        return self.rng.choice(self.bank[kind]).format(**slots)
+
+    def say(self, st):
+        """A computation in this voice: '4 * 3 gives 12'."""
+        a, op, b, c = st
+        return f"{a} {op} {b} {self.pick('equals')} {c}"
+
+    def add(self, line, good):
+        self.lines.append(line)
+        self.ok.append(good)
+
+    def compute(self, k, st):
+        """Step k's computation line, sometimes followed by a check of it or by a filler."""
+        self.add(self.pick("lead" if k else "first") + self.say(st), st in self.true_set)
+        if self.rng.random() < self.cfg.p_check:
+            self.add(self.pick("check", s=self.say(st)), st in self.true_set)
+        elif self.rng.random() < self.cfg.p_hesitate:
+            self.add(self.pick("filler"), True)
+
+    def aside(self):
+        """Right arithmetic that the solution does not need."""
+        x, y, op = self.rng.randint(2, 9), self.rng.randint(2, 9), self.rng.choice("+*")
+        self.add(self.pick("aside") + self.say((x, op, y, apply_op(op, x, y))), True)
 
 
-def write_trajectory(rng, question, steps, cfg, flaw):
+# One function per flaw: each writes the computation lines of its trajectory (after the opener)
+# and returns the steps the final response will list.
+
+def write_clean(w, steps, question):
+    for k, st in enumerate(steps):
+        w.compute(k, st)
+    return steps
+
+
+def write_rambling(w, steps, question):
+    n = len(steps)
+    asides = set(w.rng.sample(range(n), w.rng.randint(1, min(2, n))))
+    for k, st in enumerate(steps):
+        w.compute(k, st)
+        if k in asides:
+            w.aside()
+    return steps
+
+
+def write_misaligned(w, steps, question):
+    """A right thinking; the response drifts from it: one step slips, the answer follows."""
+    write_clean(w, steps, question)
+    j = w.rng.randrange(len(steps))
+    return solution_steps(parse(question), {j: steps[j][3] + w.rng.choice([-2, -1, 1, 2])})
+
+
+def write_truncated(w, steps, question):
+    """The thinking stops early; the response reports the last value it reached, never one
+    that happens to equal the answer (that would be a lucky record)."""
+    answer = steps[-1][3]
+    last = w.rng.choice([k for k in range(1, len(steps)) if steps[k - 1][3] != answer])
+    for k in range(last):
+        w.compute(k, steps[k])
+    return steps[:last]
+
+
+def slipped(w, steps, question, i):
+    """The steps with a slip at step i, propagated to every later step that uses it, and the wrong value."""
+    wrong = steps[i][3] + w.rng.choice([-3, -2, -1, 1, 2, 3])
+    return solution_steps(parse(question), {i: wrong}), wrong
+
+
+def write_slip(w, steps, question):
+    bad, _ = slipped(w, steps, question, w.rng.randrange(len(steps)))
+    for k, st in enumerate(bad):
+        w.compute(k, st)
+    return bad
+
+
+def write_self_correct(w, steps, question):
+    """A slip, caught at once ('wait, 4 * 3 is 12, not 13'); the rest is right. A good trajectory."""
+    i = w.rng.randrange(len(steps))
+    bad, wrong = slipped(w, steps, question, i)
+    for k, st in enumerate(steps):
+        if k == i:
+            w.add(w.pick("lead" if k else "first") + w.say(bad[k]), False)
+            w.add(w.pick("fix", s=w.say(st), w=wrong), True)
+        else:
+            w.compute(k, st)
+    return steps
+
+
+def write_lucky(w, steps, question):
+    """A slip, then a second error that lands on the right answer: the case an outcome filter keeps."""
+    n, answer = len(steps), steps[-1][3]
+    bad, _ = slipped(w, steps, question, w.rng.randrange(n - 1))
+    for k in range(n - 1):
+        w.compute(k, bad[k])
+    a, op, b, _ = bad[-1]
+    bad[-1] = (a, op, b, answer)
+    w.add(w.pick("lead") + w.say(bad[-1]), bad[-1] in w.true_set)
+    return bad
+
+
+def write_wrong_strategy(w, steps, question):
+    """Precedence ignored: operations applied left to right (parentheses kept)."""
+    flat = solution_steps(parse(question, flat=True))
+    for k, st in enumerate(flat):
+        w.compute(k, st)
+    return flat
+
+
+WRITERS = {"clean": write_clean, "slip": write_slip, "self_correct": write_self_correct,
+           "wrong_strategy": write_wrong_strategy, "rambling": write_rambling, "misaligned": write_misaligned,
+           "truncated": write_truncated, "lucky": write_lucky}
+
+
+def write_trajectory(rng, question, steps, cfg, flaw, voice="train"):
     """Return thinking lines, response lines and the hidden correctness of each line.
 
-    Ground truth for a computation or check line: is it a step the correct solution
-    makes (right operands, right result)? A conclusion is correct when it states the
-    right answer; openers, fillers, asides and corrections of a slip are correct.
+    The opener, the flaw's computation lines, then the conclusion; the response lists the
+    steps the flaw leaves ('1. 5 - 2 = 3' in one of the voice's formats) and 'Answer: N'.
     """
-    tree = parse(question)
     answer = steps[-1][3]
-    true_set = set(steps)
-    n = len(steps)
-    lines, ok = [], []
-    resp_steps = steps   # what the response will list
-
-    def add(line, good):
-        lines.append(line)
-        ok.append(good)
-
-    def add_compute(k, st, lead=None):
-        lead = lead if lead is not None else rng.choice(LEADS[1:] if k else ["first, ", ""])
-        add(lead + fmt(*st), st in true_set)
-        if rng.random() < cfg.p_check:
-            add(f"check: {fmt(*st)}, ok", st in true_set)
-        elif rng.random() < cfg.p_hesitate:
-            add(rng.choice(FILLERS), True)
-
-    def add_aside():
-        x, y, op = rng.randint(2, 9), rng.randint(2, 9), rng.choice("+*")
-        add(f"also, just to see, {fmt(x, op, y, apply_op(op, x, y))}", True)
-
-    add(rng.choice(OPENERS), True)
-
-    if flaw in ("clean", "rambling", "misaligned"):
-        asides = set(rng.sample(range(n), rng.randint(1, min(2, n)))) if flaw == "rambling" else set()
-        for k in range(n):
-            add_compute(k, steps[k])
-            if k in asides:
-                add_aside()  # correct arithmetic that the solution does not need
-        if flaw == "misaligned":
-            # the response drifts from its own thinking: one step slips, the answer follows
-            j = rng.randrange(n)
-            resp_steps = solution_steps(tree, {j: steps[j][3] + rng.choice([-2, -1, 1, 2])})
-
-    elif flaw == "truncated":
-        # the thinking stops early; the response reports the last value it reached,
-        # never one that happens to equal the answer (that would be a lucky record)
-        last = rng.choice([k for k in range(1, n) if steps[k - 1][3] != answer])
-        for k in range(last):
-            add_compute(k, steps[k])
-        resp_steps = steps[:last]
-
-    elif flaw in ("slip", "self_correct", "lucky"):
-        i = rng.randrange(n - 1) if flaw == "lucky" else rng.randrange(n)
-        wrong = steps[i][3] + rng.choice([-3, -2, -1, 1, 2, 3])
-        bad = solution_steps(tree, {i: wrong})    # the slip propagates to later steps
-        for k in range(n):
-            if flaw == "self_correct" and k == i:
-                add(rng.choice(LEADS) + fmt(*bad[k]), False)
-                a, op, b, c = steps[k]
-                add(f"wait, {a} {op} {b} is {c}, not {wrong}", True)
-            elif flaw == "self_correct":
-                add_compute(k, steps[k])
-            elif flaw == "lucky" and k == n - 1:
-                # a second error lands on the right answer: the case an outcome filter keeps
-                a, op, b, _ = bad[k]
-                bad[k] = (a, op, b, answer)
-                add(rng.choice(LEADS[1:]) + fmt(*bad[k]), bad[k] in true_set)
-            else:
-                add_compute(k, bad[k])
-        if flaw != "self_correct":
-            resp_steps = bad
-
-    elif flaw == "wrong_strategy":
-        # precedence ignored: operations are applied left to right (parentheses kept)
-        resp_steps = solution_steps(parse(question, flat=True))
-        for k, st in enumerate(resp_steps):
-            add_compute(k, st)
-
+    w = Writer(rng, cfg, voice, steps)
+    w.add(w.pick("opener"), True)
+    resp_steps = WRITERS[flaw](w, steps, question)
     resp_answer = resp_steps[-1][3]
     if flaw != "truncated":
         # a misaligned response drifted away from a thinking that concluded correctly
         concluded = answer if flaw == "misaligned" else resp_answer
-        add(f"so the answer is {concluded}", concluded == answer)
-
-    response = [f"{k + 1}. {fmt(*st)}" for k, st in enumerate(resp_steps)]
+        w.add(w.pick("conclusion", n=concluded), concluded == answer)
+    form = rng.choice(w.bank["response_step"])
+    response = [form.format(k=k + 1, s=fmt(*st)) for k, st in enumerate(resp_steps)]
     response.append(f"Answer: {resp_answer}")
-    resp_ok = [st in true_set for st in resp_steps] + [resp_answer == answer]
-    return lines, response, ok, resp_ok
+    resp_ok = [st in w.true_set for st in resp_steps] + [resp_answer == answer]
+    return w.lines, response, w.ok, resp_ok
 
 
-def make_record(rng, cfg, idx, flaw=None):
-    """One pool record: {id, question, answer, thinking, response, meta}."""
+def make_record(rng, cfg, idx, flaw=None, voice="train"):
+    """One pool record: {id, question, answer, thinking, response, meta}, written in `voice`."""
     flaw = flaw or rng.choices(FLAWS, weights=cfg.flaw_rates())[0]
     while True:
         question, answer, steps = make_question(rng, cfg)
@@ -294,8 +406,8 @@ def make_record(rng, cfg, idx, flaw=None):
         if flaw == "truncated" and all(st[3] == answer for st in steps[:-1]):
             continue  # every early stop would already hold the answer: the flaw could not show
         break
-    thinking, response, ok, resp_ok = write_trajectory(rng, question, steps, cfg, flaw)
-    meta = {"flaw": flaw, "good": flaw in GOOD_FLAWS, "n_ops": len(steps),
+    thinking, response, ok, resp_ok = write_trajectory(rng, question, steps, cfg, flaw, voice)
+    meta = {"flaw": flaw, "good": flaw in GOOD_FLAWS, "n_ops": len(steps), "voice": voice,
             "step_ok": ok, "response_ok": resp_ok,
             "first_error": next((t for t, g in enumerate(ok) if not g), -1)}
     return {"id": idx, "question": question, "answer": answer,
@@ -311,15 +423,60 @@ def make_record(rng, cfg, idx, flaw=None):
 # run is not a number: no value of this world comes near, it can only be garbage.
 MAX_DIGITS = 100
 NUM = rf"(-?(?<![0-9])[0-9]{{1,{MAX_DIGITS}}}(?![0-9]))"
-STEP_RE = re.compile(rf"{NUM}\s*([-+*])\s*{NUM}\s*=\s*{NUM}")
-FIX_RE = re.compile(rf"wait,\s*{NUM}\s*([-+*])\s*{NUM}\s+is\s+{NUM},\s*not\s+{NUM}")
+
+
+def any_of(texts):
+    """A regex alternation of literal texts, longest first (so 'checking' is tried before 'check')."""
+    return "|".join(re.escape(t) for t in sorted(set(texts), key=len, reverse=True))
+
+
+def bank(kind):
+    """Every phrase of one kind of line, in every voice: the expert reads them all."""
+    return [p for voice in VOICES.values() for p in voice[kind]]
+
+
+def heads(kind, slot):
+    """The text before `slot` in each phrase of a kind ('check: ' of 'check: {s}, ok')."""
+    return [p.split(slot)[0] for p in bank(kind) if slot in p]
+
+
+# a computation 'a op b <equals> c', with '=' or any voice's words for it ('gives', 'comes to')
+EQUALS = rf"\s*(?:{any_of(w.strip() for w in bank('equals'))})\s*"
+STEP_RE = re.compile(rf"{NUM}\s*([-+*])\s*{NUM}{EQUALS}{NUM}")
+# a correction: the right computation, then the wrong value it replaces ('..., not 13', '... rather than 13')
+FIX_RE = re.compile(rf"{STEP_RE.pattern}\s*,?\s*(?:not|rather than|instead of)\s+{NUM}")
+CHECK_RE = re.compile(rf"\s*(?:{any_of(heads('check', '{s}'))})")    # matched at a line's start
+ASIDE_RE = re.compile(rf"\s*(?:{any_of(bank('aside'))})")
 ANSWER_RE = re.compile(rf"Answer:\s*{NUM}")
-CONCLUDE_RE = re.compile(rf"answer is\s*{NUM}")
+CONCLUDE_RE = re.compile(rf"(?:{any_of(h.strip() for h in heads('conclusion', '{n}'))})\s*{NUM}")
 PLAN_OP_RE = re.compile(rf"(#?-?[0-9]{{1,{MAX_DIGITS}}}) ([-+*]) (#?-?[0-9]{{1,{MAX_DIGITS}}})")  # '4 * #1'
 
 
+def result_span(line):
+    """Where a line states its result, and the span an LM should check: ((lo, hi), (lo, hi)) in
+    characters, or None for a line with no result (an opener, a filler).
+
+    The result is the last computation's ('then 4 * 3 gives 12'; a correction's right value), or
+    the number a conclusion or an answer states. The checked span is that computation, operands
+    and connective included, or the result alone where the line has no computation.
+
+    >>> line = "wait, 4 * 3 is 12, not 13"
+    >>> [line[lo:hi] for lo, hi in result_span(line)]
+    ['12', '4 * 3 is 12']
+    """
+    computation = None
+    for computation in STEP_RE.finditer(line):
+        pass
+    if computation:
+        return computation.span(4), computation.span()
+    stated = None
+    for stated in (*CONCLUDE_RE.finditer(line), *ANSWER_RE.finditer(line)):
+        pass
+    return (stated.span(1), stated.span(1)) if stated else None
+
+
 def safe_parse(question):
-    """Parse a question, or None when the text is not an expression we know."""
+    """Parse a question, or None when the text is not a whole expression of this world."""
     try:
         return parse(question) if len(question) < 400 else None
     except (IndexError, ValueError, TypeError, RecursionError):
@@ -375,7 +532,7 @@ def judge(question, prior_steps, step, response=None):
                 return 0.0
             if (a, op, b, c) in truth:
                 return 1.0
-            return 0.5 if step.startswith("also") else 0.0
+            return 0.5 if ASIDE_RE.match(step) else 0.0
         m = CONCLUDE_RE.search(step) or ANSWER_RE.search(step)   # "so the answer is N", "Answer: N"
         if m:
             return 1.0 if int(m[1]) == truth[-1][3] else 0.0
@@ -412,7 +569,7 @@ def template(thinking):
                     bisect.insort(unused[right], k)
             continue
         m = STEP_RE.search(line)
-        if not m or line.lstrip().startswith("check"):
+        if not m or CHECK_RE.match(line):
             continue
         # an operand is the latest unused result of that value ('#k'), or the number itself
         a, b = (f"#{unused[x].pop() + 1}" if unused[x] else str(x) for x in (int(m[1]), int(m[3])))
@@ -457,9 +614,11 @@ def fact_lines(rng, cfg, n):
 
     Drawn from the steps of random questions, so the base model knows the arithmetic the
     questions need (as a pretrained LLM would), while reasoning is left to the distilled data.
+    Written with every word for '=' of the training voice ('7 * 8 gives 56'): a pretrained model
+    has read a result after many words, not after one sign.
     """
     out = []
     while len(out) < n:
         _, _, steps = make_question(rng, cfg)
-        out.extend(fmt(*st) for st in steps)
+        out.extend(f"{a} {op} {b} {rng.choice(VOICES['train']['equals'])} {c}" for a, op, b, c in steps)
     return out[:n]

@@ -56,7 +56,7 @@ from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, s
                       check_options, require, check_writable, run_main, load_cache, skip_long_prompts,
                       record_names, BadInput)
 from rfprm import (PRM, design_rewards, fuse_rewards, gated_fusion, relative_final, encode_for_prm, batch_of,
-                   prm_loss, untrained_scorer, prm_tokens)
+                   prm_loss, untrained_scorer, prm_tokens, step_result_tokens)
 
 
 @dataclass
@@ -65,6 +65,9 @@ class PRMConfig:
     cache_dir: str = "out/rewards"   # reward designs, keyed by their inputs
     data: str = "data/arith/train.jsonl"
     eval_data: str = "data/arith/prm_eval.jsonl"
+    # the shifted sets: the same table on records in words, or of a length, training never saw
+    eval_heldout: str = "data/arith/prm_eval_heldout.jsonl"   # empty: skip
+    eval_longer: str = "data/arith/prm_eval_longer.jsonl"     # empty: skip
     policy: str = "out/policy/ckpt.pt"
     init: str = ""                 # the PRM backbone's starting weights (empty: the policy's)
     tokenizer: str = DEFAULT_VOCAB
@@ -87,6 +90,7 @@ class PRMConfig:
     judge_noise: float = 0.0       # a noisier expert: r_qual ← (1 - noise)·judge + noise·U(0, 1)
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
+    checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
     lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
     facts: str = "data/arith/facts.txt"
     fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
@@ -123,7 +127,7 @@ PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given e
 AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
-               final=("relative", "template"), readout=("surprise", "plain"), encoder=("tfidf", "policy"),
+               final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation"), encoder=("tfidf", "policy"),
                coherence=("logprob", "prob"))
 
 
@@ -248,7 +252,7 @@ def targets_for(cfg, records, questions, tok):
 # PRM training
 
 
-def pack_prm(records, targets, tok, mode, block_size):
+def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
     """Training tensors (N, L): ids, checked_of, step and final targets (NaN where nothing is read),
     language-model targets (-1 where none), and the lengths (N,).
 
@@ -262,7 +266,7 @@ def pack_prm(records, targets, tok, mode, block_size):
     if cut:
         print(f"warning: {len(cut)} of {len(records)} records longer than block_size={block_size}, "
               f"truncated: {record_names(records, cut)}")
-    ids, checked_of = batch_of(enc, tok.eot)
+    ids, checked_of = batch_of(enc, tok.eot, key)
     t_step = torch.full(ids.shape, float("nan"))
     t_final = torch.full(ids.shape, float("nan"))
     lm = torch.full(ids.shape, -1, dtype=torch.long)
@@ -273,7 +277,7 @@ def pack_prm(records, targets, tok, mode, block_size):
         if t["final"] == t["final"]:  # not NaN
             t_final[i, e["end"]] = t["final"]
         approved = {end for end, ok in zip(e["think"] + e["response"], t["approved"]) if ok}
-        for p, end in enumerate(e["checked_of"]):
+        for p, end in enumerate(e[key]):
             if p > 0 and end in approved:
                 lm[i, p - 1] = e["ids"][p]
     return ids, checked_of, t_step, t_final, lm, torch.tensor([len(e["ids"]) for e in enc])
@@ -281,14 +285,14 @@ def pack_prm(records, targets, tok, mode, block_size):
 
 def fact_stream(path, tok):
     """The facts file as one token stream and, per position, whether the next token states a
-    result (it follows the line's ' ='): the LM targets of fact rows."""
-    ids = tok.enc.encode_ordinary("".join(l + "\n" for l in training.read_lines(path)))
-    eq, nl = tok.enc.encode_ordinary(" ="), tok.enc.encode_ordinary("\n")
-    target, inside = torch.zeros(len(ids), dtype=torch.bool), False
-    for p in range(1, len(ids)):   # once, before training
-        inside = (inside or ids[p - 1] == eq[-1]) and ids[p] != nl[-1]
-        target[p - 1] = inside
-    return torch.tensor(ids), target
+    result (task.result_span): the LM targets of fact rows."""
+    ids, is_result = [], []
+    nl = tok.enc.encode_ordinary("\n")
+    for line in training.read_lines(path):   # once, before training
+        line_ids, result, _ = step_result_tokens(tok, line)
+        ids += line_ids + nl
+        is_result += [k in result for k in range(len(line_ids))] + [False] * len(nl)
+    return torch.tensor(ids), torch.tensor(is_result[1:] + [False])
 
 
 def with_fact_rows(X, R, TS, TF, LM, facts, n_rows, offset):
@@ -365,12 +369,12 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
         torch.distributed.broadcast_object_list(obj, src=0)
     records, targets = obj[0]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
-    prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout)
+    prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout, cfg.checked)
     prm.gpt.load_state_dict(model_from_checkpoint(init_ckpt).state_dict())
     prm.to(device)
     if probe and rank == 0:
         before = arithmetic_accuracy(prm.gpt, tok, probe)
-    ids, checked_of, t_step, t_final, lm, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size)
+    ids, checked_of, t_step, t_final, lm, lengths = pack_prm(records, targets, tok, mode, prm.config.block_size, prm.read_key())
 
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     optimizer = training.make_optimizer(prm, cfg, device)
@@ -385,7 +389,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     def save(step, opt):
         if rank == 0:
             save_checkpoint(ckpt_path, make_checkpoint("prm", prm, tok.enc, asdict(cfg), mode=mode,
-                                                       readout=cfg.readout, optimizer=opt.state_dict(), step=step))
+                                                       readout=cfg.readout, checked=cfg.checked, optimizer=opt.state_dict(), step=step))
 
     model = torch.compile(prm) if cfg.compile else prm
     if world > 1:
@@ -443,16 +447,23 @@ def first_error_f1(step_scores, first_errors, threshold):
     return 2 * a * b / (a + b) if a + b else 0.0
 
 
-def evaluate_scorer(scores, records):
+def evaluate_scorer(scores, records, threshold=None):
     """The ProcessBench row of a scorer: step AUROC on every thinking step and on computation
-    lines ('a op b = c'), first-error F1 (threshold chosen on the first half of the records,
-    measured on the second), trajectory AUROC (total, good vs flawed), mean total per flaw type."""
-    half = len(records) // 2
+    lines ('a op b = c' in any voice), first-error F1, trajectory AUROC (total, good vs flawed),
+    mean total per flaw type.
+
+    threshold=None (the records' own voice): the first-error threshold is chosen on the first
+    half of the records and every figure is measured on the second. A shifted set is measured
+    whole, at the threshold chosen on the records' own voice: nothing is tuned on it.
+    """
     steps = [s["step"] for s in scores]
     firsts = [r["meta"]["first_error"] for r in records]
-    grid = sorted({round(x, 3) for st in steps[:half] for x in st}) or [0.5]
-    grid = grid[::max(1, len(grid) // 200)]
-    best = max(grid, key=lambda th: first_error_f1(steps[:half], firsts[:half], th))
+    half = 0
+    if threshold is None:
+        half = len(records) // 2
+        grid = sorted({round(x, 3) for st in steps[:half] for x in st}) or [0.5]
+        grid = grid[::max(1, len(grid) // 200)]
+        threshold = max(grid, key=lambda th: first_error_f1(steps[:half], firsts[:half], th))
     test = list(zip(scores[half:], records[half:]))
     flat = [(x, ok, bool(task.STEP_RE.search(str(line))))
             for s, r in test for x, ok, line in zip(s["step"], r["meta"]["step_ok"], r["thinking"])]
@@ -461,14 +472,25 @@ def evaluate_scorer(scores, records):
         per_flaw.setdefault(r["meta"]["flaw"], []).append(s["total"])
     return {"step_auroc": auroc([x for x, _, _ in flat], [ok for _, ok, _ in flat]),
             "computation_auroc": auroc([x for x, _, c in flat if c], [ok for _, ok, c in flat if c]),
-            "first_error_f1": first_error_f1(steps[half:], firsts[half:], best),
+            "first_error_f1": first_error_f1(steps[half:], firsts[half:], threshold),
             "trajectory_auroc": auroc([s["total"] for s, _ in test], [r["meta"]["good"] for _, r in test]),
-            "threshold": best,
+            "threshold": threshold,
             "per_flaw": {f: sum(v) / len(v) for f, v in sorted(per_flaw.items(), key=lambda kv: task.FLAWS.index(kv[0]))}}
 
 
-def text_histogram(good, bad, bins=10, width=30):
-    """Two overlaid histograms of trajectory scores, as text."""
+def evaluate_on_sets(prm, eval_sets):
+    """{set name: ProcessBench row} of one scorer, and its scores on each set. The first set is
+    the records' own voice; its threshold is used on the others."""
+    rows, scores = {}, {}
+    for k, (name, records) in enumerate(eval_sets.items()):
+        scores[name] = prm.score(records)
+        threshold = rows[next(iter(rows))]["threshold"] if k else None
+        rows[name] = evaluate_scorer(scores[name], records, threshold)
+    return rows, scores
+
+
+def text_histogram(good, bad, bins=10, width=30, labels=("good", "flawed")):
+    """Two overlaid histograms of scores, as text."""
     lo, hi = min(good + bad), max(good + bad)
     span = (hi - lo) or 1.0
     count = lambda xs: [sum(1 for x in xs if min(bins - 1, int((x - lo) / span * bins)) == b) for b in range(bins)]
@@ -477,26 +499,50 @@ def text_histogram(good, bad, bins=10, width=30):
     lines = []
     for b in range(bins):
         edge = lo + span * b / bins
-        lines.append(f"  {edge:7.3f} good {'#' * round(cg[b] / top * width):<{width}} flawed {'x' * round(cb[b] / top * width)}")
+        lines.append(f"  {edge:7.3f} {labels[0]} {'#' * round(cg[b] / top * width):<{width}} "
+                     f"{labels[1]} {'x' * round(cb[b] / top * width)}")
     return "\n".join(lines)
 
 
-def save_histograms(all_scores, records, path):
-    """The paper's score-overlap picture: clean vs flawed trajectory scores per scorer (PNG)."""
+def step_scores_by_truth(scores, records):
+    """The scores of right and of wrong thinking steps (hidden truth), over a set."""
+    right, wrong = [], []
+    for s, r in zip(scores, records):
+        for x, ok in zip(s["step"], r["meta"]["step_ok"]):
+            (right if ok else wrong).append(x)
+    return right, wrong
+
+
+def print_step_histograms(named_scores, records, title):
+    """The paper's motivating picture as text: right vs wrong thinking-step scores, per scorer."""
+    for name, scores in named_scores.items():
+        right, wrong = step_scores_by_truth(scores, records)
+        print(f"\nthinking-step scores, {title}, {name.strip()} (hidden truth):\n"
+              f"{text_histogram(right, wrong, labels=('right', 'wrong'))}")
+
+
+def save_histograms(named_scores, records, path, score_of):
+    """Overlaid histograms of good vs bad items, one panel per scorer (PNG). score_of(scores,
+    records) -> (good values, bad values)."""
     plt = training.pyplot()
     if plt is None:
         return False
     # squeeze=False: a row of axes even for one scorer (--rows=response), not a bare Axes
-    fig, axes = plt.subplots(1, len(all_scores), figsize=(3.2 * len(all_scores), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(named_scores), figsize=(3.2 * len(named_scores), 2.6), squeeze=False)
     axes = axes[0]
-    for ax, (name, scores) in zip(axes, all_scores.items()):
-        good = [s["total"] for s, r in zip(scores, records) if r["meta"]["good"]]
-        bad = [s["total"] for s, r in zip(scores, records) if not r["meta"]["good"]]
+    for ax, (name, scores) in zip(axes, named_scores.items()):
+        good, bad = score_of(scores, records)
         ax.hist(good, bins=20, alpha=0.6, label="good")
-        ax.hist(bad, bins=20, alpha=0.6, label="flawed")
+        ax.hist(bad, bins=20, alpha=0.6, label="bad")
         ax.set_title(name.strip(), fontsize=9)
     axes[0].legend(fontsize=8)
     return training.save_png(fig, path, dpi=100)
+
+
+def trajectory_totals(scores, records):
+    """Totals of good and of flawed trajectories."""
+    return ([s["total"] for s, r in zip(scores, records) if r["meta"]["good"]],
+            [s["total"] for s, r in zip(scores, records) if not r["meta"]["good"]])
 
 
 PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "on_policy": False}
@@ -505,6 +551,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  paper's fusion", "_paper_fusion", {"fusion": "paper"}),
     ("  paper's trajectory rwd", "_paper_final", {"final": "template"}),
     ("  paper's plain head", "_plain", {"readout": "plain"}),
+    ("  ℓ on the computation", "_computation", {"checked": "computation"}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),
@@ -528,9 +575,9 @@ def chosen_variants(rows):
     return [v for k, v in keys.items() if k in wanted]
 
 
-def format_table(rows):
+def format_table(rows, title="held-out trajectories"):
     """The synthetic ProcessBench table, one row per scorer (as printed and in out/results.md)."""
-    lines = ["\nsynthetic ProcessBench, held-out trajectories (hidden meta used for evaluation only)",
+    lines = [f"\nsynthetic ProcessBench, {title} (hidden meta used for evaluation only)",
              f"{'scorer':<27}{'step AUROC':>11}{'comp. lines':>12}{'first-err F1':>13}{'traj AUROC':>11}"]
     for name, r in rows.items():
         lines.append(f"{name:<27}{r['step_auroc']:>11.3f}{r['computation_auroc']:>12.3f}"
@@ -553,6 +600,40 @@ def format_per_flaw(rows):
     return "\n".join(lines)
 
 
+EVAL_SETS = (("records' voice", "eval_data"), ("held-out voice", "eval_heldout"), ("one operation longer", "eval_longer"))
+
+
+def read_eval_sets(cfg):
+    """{name: records} of the ProcessBench sets named by the options, the records' own voice first."""
+    need = ("question", "answer", "thinking", "response", "meta")
+    return {name: read_jsonl(getattr(cfg, key), need)[:cfg.eval_records]
+            for name, key in EVAL_SETS if key == "eval_data" or getattr(cfg, key)}
+
+
+def print_tables(cfg, rows, all_scores, eval_sets, times):
+    """The ProcessBench table of each set, the per-flaw table and the score pictures; processbench.json."""
+    for set_name, set_rows in rows.items():
+        print(format_table(set_rows, f"{set_name}, {len(eval_sets[set_name])} trajectories"))
+    first = next(iter(rows))
+    print(format_per_flaw(rows[first]))
+    main_name = next(iter(all_scores[first]))
+    good, bad = trajectory_totals(all_scores[first][main_name], eval_sets[first])
+    print(f"\ntrajectory scores, {main_name.strip()}:\n{text_histogram(good, bad)}")
+    # the paper's motivating picture: right and wrong thinking steps in words the PRMs never read
+    shifted = "held-out voice" if "held-out voice" in rows else first
+    pictured = {k: v for k, v in all_scores[shifted].items() if k.strip() in ("ReasonFlux-PRM", "response-only PRM (MC)")}
+    print_step_histograms(pictured, eval_sets[shifted], shifted)
+    figures = {"score_histograms.png": (all_scores[first], eval_sets[first], trajectory_totals),
+               "step_histograms_heldout.png": (pictured, eval_sets[shifted], step_scores_by_truth)}
+    for file, (named, records, score_of) in figures.items():
+        if named and save_histograms(named, records, os.path.join(cfg.out_dir, file), score_of):
+            print(f"figure: {cfg.out_dir}/{file}")
+    write_json_atomic(os.path.join(cfg.out_dir, "processbench.json"),
+                      {"rows": rows[first], "shifted": {k: v for k, v in rows.items() if k != first},
+                       "seconds": times, "config": asdict(cfg), "n_eval": len(eval_sets[first]),
+                       "n_shifted": {k: len(v) for k, v in eval_sets.items() if k != first}})
+
+
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
     check_options(cfg, AT_LEAST, CHOICES)
@@ -569,7 +650,8 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
     records, questions = records[:cfg.n_train], records[cfg.n_train:]   # the rest: questions for policy samples
-    eval_records = read_jsonl(cfg.eval_data, ("question", "answer", "thinking", "response", "meta"))[:cfg.eval_records] if cfg.eval else []
+    eval_sets = read_eval_sets(cfg) if cfg.eval else {}
+    eval_records = next(iter(eval_sets.values()), [])
     # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
     block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
                      for p in (cfg.policy, cfg.init or cfg.policy))
@@ -581,7 +663,7 @@ def main(argv=None):
     if cfg.fact_rows:
         training.read_lines(cfg.facts)   # a bad facts file fails now, not after minutes of reward design
     os.makedirs(cfg.out_dir, exist_ok=True)
-    times, all_scores, rows = {}, {}, {}
+    times, all_scores, rows = {}, {}, {}   # rows[set][scorer], all_scores[set][scorer]
     # the backbone's arithmetic, measured on held-out records (the expert judges; meta is not read)
     probe = [{k: v for k, v in r.items() if k != "meta"} for r in eval_records[:500]]
     for name, suffix, over in variants:
@@ -596,22 +678,16 @@ def main(argv=None):
             prm = train_prm(vcfg, records, questions, tok, device, rank, world, probe if suffix == "" else ())
         times[name.strip()] = time.time() - t0
         if rank == 0 and cfg.eval:
-            all_scores[name] = prm.score(eval_records)
-            rows[name] = evaluate_scorer(all_scores[name], eval_records)
-            print(f"{name.strip()}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items() if k != "per_flaw"))
+            by_set, scores = evaluate_on_sets(prm, eval_sets)
+            for set_name in eval_sets:
+                rows.setdefault(set_name, {})[name] = by_set[set_name]
+                all_scores.setdefault(set_name, {})[name] = scores[set_name]
+                print(f"{name.strip()}, {set_name}: " +
+                      ", ".join(f"{k} {v:.3f}" for k, v in by_set[set_name].items() if k != "per_flaw"))
     if rank == 0:
         print("time per row: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     if rank == 0 and cfg.eval:
-        print(format_table(rows))
-        print(format_per_flaw(rows))
-        for name, scores in list(all_scores.items())[:1]:
-            good = [s["total"] for s, r in zip(scores, eval_records) if r["meta"]["good"]]
-            bad = [s["total"] for s, r in zip(scores, eval_records) if not r["meta"]["good"]]
-            print(f"\ntrajectory scores, {name.strip()}:\n{text_histogram(good, bad)}")
-        if save_histograms(all_scores, eval_records, os.path.join(cfg.out_dir, "score_histograms.png")):
-            print(f"figure: {cfg.out_dir}/score_histograms.png")
-        write_json_atomic(os.path.join(cfg.out_dir, "processbench.json"),
-                          {"rows": rows, "seconds": times, "config": asdict(cfg), "n_eval": len(eval_records)})
+        print_tables(cfg, rows, all_scores, eval_sets, times)
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by torchrun
         torch.distributed.destroy_process_group()
 

@@ -52,7 +52,7 @@ def test_a_wrong_result_is_surprising_and_lowers_the_score(tok, arith_lm):
     ends = prm_tokens(tok, **right)["think"]
     ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, checked_of)
     assert ell[0, ends[1]] > -0.5 > -3 > ell[1, ends[1]], ell[:, ends]
-    assert ell[2, ends[1]] < -3, "the surprise term checks the operands too"
+    assert ell[2, ends[1]] < ell[0, ends[1]] - 1.5, "ℓ on the computation checks the operands too"
     assert ell[0, ends[0]] == 0 and ell[1, ends[0]] == 0, "a filler states no result: no surprise"
     idx, checked_of = idx[:2], checked_of[:2]
     scores, _ = prm(idx, checked_of)
@@ -69,16 +69,32 @@ def test_a_wrong_result_is_surprising_and_lowers_the_score(tok, arith_lm):
     assert prm.surprise_weight.grad != 0
 
 
+def test_a_wrong_result_is_surprising_in_the_held_out_voice(tok, arith_lm):
+    """The LM learnt 'then a + b = c'; the held-out voice writes 'following that, a + b yields c'.
+    The default ℓ reads the result alone, so a wrong result still lowers it after unread words."""
+    prm = PRM(arith_lm.config)                 # checked="result"
+    prm.gpt.load_state_dict(arith_lm.state_dict())
+    lines = [f"{lead}2 + 3 {eq} {c}" for lead, eq in (("following that, ", "yields"), ("in turn, ", "->"))
+             for c in (5, 7)]
+    recs = [{"question": "2 + 3", "thinking": ["we should crack this one", line], "response": []} for line in lines]
+    encoded = [prm_tokens(tok, **r) for r in recs]
+    idx, result_of = batch_of(encoded, tok.eot, prm.read_key())
+    ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, result_of)
+    at = [ell[j, e["think"][1]].item() for j, e in enumerate(encoded)]
+    assert at[0] > at[1] + 1 and at[2] > at[3] + 1, at     # right result, then wrong, in each phrasing
+
+
 def test_confidence_baseline_on_a_hand_made_record(tok, arith_lm):
     scorer = PRM(arith_lm.config, readout="confidence")
     scorer.gpt.load_state_dict(arith_lm.state_dict())
     scorer.tok, scorer.alpha = tok, 0.0
     good, bad = scorer.score([fact_record(3, 4, 7), fact_record(3, 4, 8)])
     assert good["step"][0] == pytest.approx(bad["step"][0]) and good["step"][0] > 0.9, "a learnt line: confident"
-    assert good["step"][1] > 0.6 and bad["step"][1] < 0.05       # exp(the lowest token log-probability)
+    # exp(the lowest token log-probability): orders of magnitude apart, not a threshold float noise can cross
+    assert good["step"][1] > 0.5 and bad["step"][1] < good["step"][1] / 5
     # every token of the step counts, not only its result: an odd word lowers the score too
     odd = scorer.score([dict(fact_record(3, 4, 7), thinking=["let me see", "zebra 3 + 4 = 7"])])[0]
-    assert odd["step"][1] < 0.2
+    assert odd["step"][1] < good["step"][1] / 3
     assert good["response"][0] > bad["response"][0]
     assert good["total"] == pytest.approx(sum(good["step"]) / 2 + min(good["response"]))   # α = 0
     assert good["total"] > bad["total"]
@@ -108,7 +124,7 @@ def test_read_positions_and_result_tokens(tok):
     assert [checked[p] for p in e["response"]] == [" 1 + 2 = 3", " 3"]
     fix = prm_tokens(tok, "4 * 3", ["wait, 4 * 3 is 12, not 13", "check: 4 * 3 = 12, ok"], [])
     assert [tok.enc.decode([fix["ids"][p] for p, x in enumerate(fix["checked_of"]) if x == end])
-            for end in fix["think"]] == [" 12", " 4 * 3 = 12"]
+            for end in fix["think"]] == [" 4 * 3 is 12", " 4 * 3 = 12"]
     assert len(e["result_of"]) == len(ids) and encode_prompt(tok, "1 + 2") == ids[:len(encode_prompt(tok, "1 + 2"))]
     cut = prm_tokens(tok, "1 + 2", ["7 " * 100], ["Answer: 3"], block_size=32)
     assert cut["truncated"] and len(cut["ids"]) == 32 and max(cut["result_of"] + cut["response"]) <= 31
@@ -271,7 +287,7 @@ def test_histogram_figure_for_a_single_scorer(tmp_path):
     records = [{"meta": {"good": g}} for g in (True, False, True, False)]
     scores = {"response-only PRM (MC)": [{"total": x} for x in (0.9, 0.2, 0.8, 0.4)]}
     path = str(tmp_path / "hist.png")
-    assert train_prm.save_histograms(scores, records, path) and (tmp_path / "hist.png").stat().st_size > 0
+    assert train_prm.save_histograms(scores, records, path, train_prm.trajectory_totals) and (tmp_path / "hist.png").stat().st_size > 0
 
 
 def test_score_cli_prints_every_trained_step(smoke_prms, smoke_data):

@@ -22,12 +22,43 @@ def test_judge_scores_known_steps():
     assert task.judge(q, [], "hmm, let me keep going") == 0.5
 
 
-def test_judge_agrees_with_hidden_labels_on_the_pool():
-    rng, cfg = random.Random(0), task.WorldConfig()
-    for i in range(300):
-        r = task.make_record(rng, cfg, i)
-        for t, (line, ok) in enumerate(zip(r["thinking"], r["meta"]["step_ok"])):
-            assert (task.judge(r["question"], r["thinking"][:t], line) > 0.25) == ok, (r, line)
+@pytest.mark.parametrize("voice", sorted(task.VOICES))
+def test_judge_agrees_with_hidden_labels_on_every_kind_of_line(voice):
+    rng, cfg = random.Random(0), task.WorldConfig(p_check=0.5, p_hesitate=0.5)
+    for flaw in task.FLAWS:
+        for i in range(60):
+            r = task.make_record(rng, cfg, i, flaw=flaw, voice=voice)
+            for t, (line, ok) in enumerate(zip(r["thinking"], r["meta"]["step_ok"])):
+                assert (task.judge(r["question"], r["thinking"][:t], line) > 0.25) == ok, (r, line)
+            for j, (line, ok) in enumerate(zip(r["response"], r["meta"]["response_ok"])):
+                assert (task.judge(r["question"], r["response"][:j], line) > 0.25) == ok, (r, line)
+
+
+def test_the_held_out_voice_shares_no_phrase_with_the_training_voice():
+    train, held = task.VOICES["train"], task.VOICES["heldout"]
+    assert train.keys() == held.keys()
+    for kind in train:
+        assert not set(train[kind]) & set(held[kind]), kind
+        assert len(held[kind]) >= 2 and len(train[kind]) >= 2, kind
+    # nor a head or a tail of the grammar: the held-out voice's words are new, not recombined
+    for slot, kind in (("{s}", "check"), ("{s}", "fix"), ("{n}", "conclusion")):
+        split = lambda voice: {part.strip(" ,:") for p in voice[kind] for part in p.split(slot)} - {""}
+        assert not split(train) & split(held), kind
+    assert sum(len(v) for v in train.values()) > 100 and len(train["opener"]) >= 24
+
+
+@pytest.mark.parametrize("voice", sorted(task.VOICES))
+def test_template_of_a_clean_trajectory_gives_the_answer_in_every_voice(voice):
+    rng, cfg = random.Random(4), task.WorldConfig(p_check=0.5)
+    for i in range(200):
+        r = task.make_record(rng, cfg, i, flaw=rng.choice(["clean", "self_correct"]), voice=voice)
+        assert task.follow_template(task.template(r["thinking"]))[-1] == f"Answer: {r['answer']}", r
+
+
+def test_questions_the_world_cannot_parse_are_refused():
+    for text in ("3 + 4 / 2", "8 / (2 + (3", "3 4", "(1 + 2", "1 + 2)", ""):
+        assert task.safe_parse(text) is None, text
+        assert task.judge(text, [], "3 + 4 = 7") == 0.5   # never 1.0 against a question it could not read
 
 
 def test_template_and_follow():

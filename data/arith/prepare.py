@@ -9,6 +9,8 @@ Files (same seed, same bytes):
     pool.jsonl          more records from the same teacher: the pool data selection chooses from, which no model
                         sees before selection (select_data.py)
     prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
+    prm_eval_heldout.jsonl   the same, written in the held-out voice: phrasings no training file holds
+    prm_eval_longer.jsonl    the same, in the training voice, one operation longer than any record
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
     rl_hard.jsonl       harder questions for GRPO, one operation more than any record: where the policy
                         rarely gets an answer right, so the rule reward is sparse (grpo.py, README)
@@ -122,6 +124,16 @@ def make_questions(rng, wcfg, n, seen, start_id):
     return rows
 
 
+def make_records(rng, wcfg, n, seen, voice="train"):
+    """n teacher records in `voice` whose questions are not in `seen` (test questions stay unseen)."""
+    records = []
+    while len(records) < n:
+        r = task.make_record(rng, wcfg, len(records), voice=voice)
+        if r["question"] not in seen:
+            records.append(r)
+    return records
+
+
 def prepare(cfg, wcfg=None):
     """Make every file; return a summary dict."""
     wcfg = wcfg or task.WorldConfig()
@@ -132,17 +144,16 @@ def prepare(cfg, wcfg=None):
     seen = set()
     test = make_questions(rng, wcfg, cfg.n_test, seen, 0)
     rl = make_questions(rng, wcfg, cfg.n_rl, seen, 0)
-    records = []
-    while len(records) < cfg.n_train + cfg.n_pool + cfg.n_prm_eval:
-        r = task.make_record(rng, wcfg, len(records))
-        if r["question"] not in seen:
-            records.append(r)
+    records = make_records(rng, wcfg, cfg.n_train + cfg.n_pool + cfg.n_prm_eval, seen)
     train, pool, prm_eval = (records[:cfg.n_train], records[cfg.n_train:cfg.n_train + cfg.n_pool],
                              records[cfg.n_train + cfg.n_pool:])
     facts = task.fact_lines(rng, wcfg, cfg.n_facts)
     # drawn last, so that every file above stays as it was before this one existed
     hard = dataclasses.replace(wcfg, min_ops=wcfg.max_ops + 1, max_ops=wcfg.max_ops + 1)
     rl_hard = make_questions(rng, hard, cfg.n_rl, seen, 0)
+    # the shifted ProcessBench sets: another voice, one operation more
+    heldout = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="heldout")
+    longer = make_records(rng, hard, cfg.n_prm_eval, seen)
 
     # the tokenizer is trained on everything the models will read
     corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
@@ -157,6 +168,8 @@ def prepare(cfg, wcfg=None):
     write_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
     write_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
     write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
+    write_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
+    write_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
     write_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
     return {"train": train, "pool": pool, "test": test}
