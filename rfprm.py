@@ -24,6 +24,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """
 
+import re
 import sys
 import time
 
@@ -289,18 +290,39 @@ def design_rewards(records, tok, policy, encoder="tfidf", tau=0.1, n_negatives=8
 # ----------------------------------------------------------------------------
 # the PRM: the GPT backbone, a scalar head read where each step ends, and the surprise term
 
+# Where a line states its result, read without knowing any voice's words: the number after the
+# last operation 'a op b' (whatever stands for '=': '=', 'gives', '->'), else the line's last number
+# ('so the answer is 15', 'Answer: 15'). The expert knows every voice; the PRM must not need to.
+OPERATION_RE = re.compile(rf"{task.NUM}\s*[-+*]\s*{task.NUM}\D{{0,24}}?{task.NUM}")
+NUMBER_RE = re.compile(task.NUM)
+
+
+def result_span(line):
+    """((lo, hi) of the result, (lo, hi) of the checked span) in characters, or None for a line
+    that states no number. The checked span is the last operation, operands to result, or the
+    result alone where there is none.
+
+    >>> line = "wait, 4 * 3 is 12, not 13"
+    >>> [line[lo:hi] for lo, hi in result_span(line)]
+    ['12', '4 * 3 is 12']
+    """
+    operation = number = None
+    for operation in OPERATION_RE.finditer(line):
+        pass
+    if operation:
+        return operation.span(3), operation.span()
+    for number in NUMBER_RE.finditer(line):
+        pass
+    return (number.span(1), number.span(1)) if number else None
+
+
 def step_result_tokens(tok, line):
     """A step's token ids, the indices of those that state its result, and of those its
-    surprise term checks.
-
-    Where the line states its result and which span is checked is the expert's reading
-    (task.result_span): the result of the last computation ('then 4 * 3 gives 12', a
-    correction's right value) or the number a conclusion or answer states; the checked span is
-    that computation, operands and connective included. A filler has neither. Digits are one
-    token each, so a result is one to three tokens.
+    surprise term checks with checked="computation" (result_span). A filler has neither.
+    Digits are one token each, so a result is one to three tokens.
     """
     ids = tok.enc.encode_ordinary(line)
-    spans = task.result_span(line)
+    spans = result_span(line)
     if spans is None:
         return ids, [], []
     in_bytes = lambda lo, hi: (len(line[:lo].encode()), len(line[:hi].encode()))

@@ -452,29 +452,6 @@ CONCLUDE_RE = re.compile(rf"(?:{any_of(h.strip() for h in heads('conclusion', '{
 PLAN_OP_RE = re.compile(rf"(#?-?[0-9]{{1,{MAX_DIGITS}}}) ([-+*]) (#?-?[0-9]{{1,{MAX_DIGITS}}})")  # '4 * #1'
 
 
-def result_span(line):
-    """Where a line states its result, and the span an LM should check: ((lo, hi), (lo, hi)) in
-    characters, or None for a line with no result (an opener, a filler).
-
-    The result is the last computation's ('then 4 * 3 gives 12'; a correction's right value), or
-    the number a conclusion or an answer states. The checked span is that computation, operands
-    and connective included, or the result alone where the line has no computation.
-
-    >>> line = "wait, 4 * 3 is 12, not 13"
-    >>> [line[lo:hi] for lo, hi in result_span(line)]
-    ['12', '4 * 3 is 12']
-    """
-    computation = None
-    for computation in STEP_RE.finditer(line):
-        pass
-    if computation:
-        return computation.span(4), computation.span()
-    stated = None
-    for stated in (*CONCLUDE_RE.finditer(line), *ANSWER_RE.finditer(line)):
-        pass
-    return (stated.span(1), stated.span(1)) if stated else None
-
-
 def safe_parse(question):
     """Parse a question, or None when the text is not a whole expression of this world."""
     try:

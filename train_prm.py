@@ -42,6 +42,8 @@ The hidden `meta` of records is read only by the evaluation, never for training.
 import hashlib
 import json
 import os
+import random
+import re
 import time
 from dataclasses import dataclass, asdict
 
@@ -90,6 +92,7 @@ class PRMConfig:
     judge_noise: float = 0.0       # a noisier expert: r_qual ← (1 - noise)·judge + noise·U(0, 1)
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
+    scramble: float = 0.5          # share of training records whose words are made up anew (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
     lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
     facts: str = "data/arith/facts.txt"
@@ -251,6 +254,33 @@ def targets_for(cfg, records, questions, tok):
 # ----------------------------------------------------------------------------
 # PRM training
 
+WORD_RE = re.compile(r"[A-Za-z]+|=")
+
+
+def scrambled(record, rng):
+    """The record with every word of its thinking and response ('then', 'gives', '=') replaced by
+    a made-up one, the same throughout the record, as if another author wrote it (ours).
+
+    Why: a PRM that reads only the teacher's words learns them, and then scores a step in words
+    it never read by their strangeness. Trained on records whose words mean nothing, its head
+    learns to read what stays when the words change, the operations and their results, and its
+    LM head learns to predict a result after any word for '='. The numbers, the operators and
+    'Answer:' (the verifier's contract in every voice) are kept; the labels are the record's own.
+    """
+    made_up = {}
+
+    def word(m):
+        w = m[0]
+        if w == "Answer":
+            return w
+        if w not in made_up:
+            made_up[w] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+        return made_up[w]
+    rewrite = lambda lines: [WORD_RE.sub(word, str(line)) for line in lines]
+    return {**record, "thinking": rewrite(record["thinking"]), "response": rewrite(record["response"])}
+
+
+
 
 def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
     """Training tensors (N, L): ids, checked_of, step and final targets (NaN where nothing is read),
@@ -368,6 +398,8 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     if world > 1:  # rank 0 designed the rewards; everyone reads the cache
         torch.distributed.broadcast_object_list(obj, src=0)
     records, targets = obj[0]
+    rng = random.Random(cfg.seed)
+    records = [scrambled(r, rng) if rng.random() < cfg.scramble else r for r in records]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
     prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout, cfg.checked)
     prm.gpt.load_state_dict(model_from_checkpoint(init_ckpt).state_dict())
@@ -552,6 +584,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  paper's trajectory rwd", "_paper_final", {"final": "template"}),
     ("  paper's plain head", "_plain", {"readout": "plain"}),
     ("  ℓ on the computation", "_computation", {"checked": "computation"}),
+    ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),
@@ -638,6 +671,7 @@ def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
     check_options(cfg, AT_LEAST, CHOICES)
     require(cfg.tau > 0 and 0 <= cfg.judge_noise <= 1, "--tau must be > 0 and --judge_noise in [0, 1]")
+    require(0 <= cfg.scramble <= 1, f"--scramble must be in [0, 1], got {cfg.scramble}")
     if cfg.rows and not cfg.eval:
         raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work

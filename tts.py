@@ -441,7 +441,9 @@ def main(argv=None):
         print(plot)
         with open(os.path.join(cfg.out_dir, "tts_plot.txt"), "w") as f:
             f.write(plot + "\n")
-    results = {"curves": curves, "checks": verdict, "n_questions": Q, "n_samples": M,
+    # ReasonFlux-PRM minus each rival, per N (mean, standard error over questions): the trends table reads these
+    paired = {rival: paired_difference(per_question, WEIGHTS, rival) for rival in curves if rival != WEIGHTS}
+    results = {"curves": curves, "checks": verdict, "paired": paired, "n_questions": Q, "n_samples": M,
                "distinct_samples": n_unique, "answered": answered,
                "seconds": {"sampling": t_sample, "scoring": t_score, "estimate": t_estimate},
                "config": asdict(cfg)}

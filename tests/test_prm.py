@@ -337,3 +337,28 @@ def test_a_bad_facts_file_fails_before_any_work(smoke_data, smoke_policy, tmp_pa
     out = tmp_path / "out"
     proc = run_script(*prm_args(smoke_data, smoke_policy, tmp_path), f"--facts={bad}", f"--out_dir={out}", check=False)
     assert proc.returncode == 2 and f"error: {bad}: expected UTF-8 text" in proc.stderr and not out.exists()
+
+
+def test_the_result_is_found_without_knowing_the_voice():
+    from rfprm import result_span
+    cases = {"then 4 * 3 = 12": ("12", "4 * 3 = 12"), "qwv 4 * 3 zorp 12, ne 13": ("12", "4 * 3 zorp 12"),
+             "in turn, 1 + 4 -> 5": ("5", "1 + 4 -> 5"), "all told, 27": ("27", "27"), "Answer: -7": ("-7", "-7")}
+    for line, want in cases.items():
+        assert tuple(line[lo:hi] for lo, hi in result_span(line)) == want, line
+    assert result_span("hmm, let me keep going") is None
+
+
+def test_scrambled_records_keep_the_arithmetic_and_change_every_word():
+    import random
+    rec = {"question": "3 + 4 * 2", "answer": 11, "thinking": ["let me see", "first, 4 * 2 gives 8", "then 3 + 8 = 11",
+                                                                "so the answer is 11"],
+           "response": ["1. 4 * 2 = 8", "2. 3 + 8 = 11", "Answer: 11"]}
+    out = train_prm.scrambled(rec, random.Random(0))
+    assert out["question"] == rec["question"] and len(out["thinking"]) == 4 and len(out["response"]) == 3
+    digits = lambda lines: [[c for c in line if not c.isalpha() and c not in "= "] for line in lines]
+    assert digits(out["thinking"]) == digits(rec["thinking"]) and out["response"][-1] == "Answer: 11"
+    words = lambda lines: {w for line in lines for w in train_prm.WORD_RE.findall(line)} - {"Answer"}
+    assert not words(out["thinking"]) & words(rec["thinking"])
+    # one made-up word per word, throughout the record: '=' is one word wherever it stands
+    eq = out["thinking"][2].split()[4]
+    assert out["response"][0].split()[4] == eq == out["response"][1].split()[4]
