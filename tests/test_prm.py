@@ -9,7 +9,8 @@ import torch
 
 from conftest import run_script
 from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
-from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size)
+from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
+                   aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
 import train_prm
 
@@ -174,6 +175,22 @@ def test_total_is_mean_step_plus_alpha_trajectory():
     assert prm_total(s, 0.0, with_response=False) == pytest.approx(0.4)
     assert prm_total(s, 1.0) == pytest.approx(0.4 + 0.0 + 0.5)                 # ours: + the response's worst step
     assert prm_total({"step": [], "response": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
+
+
+def test_aggregations_of_a_hand_made_score():
+    """Four ways of reading the thinking steps, each with and without α · trajectory; the response is never read."""
+    s = {"step": [0.9, 0.5, 0.8], "response": [0.0], "trajectory": 0.4, "total": 9.9}
+    want = {"mean": 2.2 / 3, "min": 0.5, "prod": 0.36, "last": 0.8}
+    assert list(AGGREGATIONS) == list(want)
+    for how, value in want.items():
+        assert aggregate(s, how) == pytest.approx(value), how
+        assert aggregate(s, how, alpha=0.5) == pytest.approx(value + 0.2), how
+    # the paper's total is the mean with α
+    assert aggregate(s, "mean", 1.0) == pytest.approx(prm_total(s, 1.0, with_response=False))
+    # no thinking steps: the step term is 0 for every aggregation (not the empty product's 1)
+    assert [aggregate({"step": [], "trajectory": 0.4}, how, 1.0) for how in want] == pytest.approx([0.4] * 4)
+    with pytest.raises(ValueError, match="how must be one of"):
+        aggregate(s, "median")
 
 
 def test_score_never_crashes_on_odd_records(smoke_prms):
