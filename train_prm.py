@@ -37,6 +37,7 @@ Where this departs from, or fills in for, the paper (its release has no PRM trai
     r_align takes the max over response steps instead of merging steps to pair them;
   * the loss is MSE on sigmoid scores, as the paper's formula, with λ_step = λ_final = 1.
 The hidden `meta` of records is read only by the evaluation, never for training.
+
 """
 
 import hashlib
@@ -438,13 +439,27 @@ def first_error_predictions(step_scores, threshold):
     return [next((t for t, s in enumerate(steps) if s < threshold), -1) for steps in step_scores]
 
 
-def first_error_f1(step_scores, first_errors, threshold):
-    """ProcessBench's F1: harmonic mean of the accuracy on erroneous and on error-free records."""
+def processbench_metric(step_scores, first_errors, threshold):
+    """ProcessBench's metric (QwenLM/ProcessBench): the predicted first error is the first step
+    scored below threshold, or -1; acc_err is the share of the problems with an error (label != -1)
+    whose first error is predicted exactly, acc_corr the share of the error-free ones predicted -1,
+    F1 their harmonic mean. Where ProcessBench's code would divide 0 by 0 (no problem of a kind, or
+    both accuracies 0) this gives 0.
+
+    >>> processbench_metric([[0.9, 0.2], [0.9, 0.9], [0.1]], [1, -1, 1], 0.5)["f1"]
+    0.6666666666666666
+    """
     pred = first_error_predictions(step_scores, threshold)
     err = [p == f for p, f in zip(pred, first_errors) if f != -1]
     ok = [p == f for p, f in zip(pred, first_errors) if f == -1]
     a, b = (sum(err) / len(err) if err else 0.0), (sum(ok) / len(ok) if ok else 0.0)
-    return 2 * a * b / (a + b) if a + b else 0.0
+    return {"acc_err": a, "acc_corr": b, "f1": 2 * a * b / (a + b) if a + b else 0.0,
+            "n": len(pred), "n_err": len(err)}
+
+
+def first_error_f1(step_scores, first_errors, threshold):
+    """ProcessBench's F1: harmonic mean of the accuracy on erroneous and on error-free records."""
+    return processbench_metric(step_scores, first_errors, threshold)["f1"]
 
 
 def evaluate_scorer(scores, records, threshold=None):
@@ -487,6 +502,71 @@ def evaluate_on_sets(prm, eval_sets):
         threshold = rows[next(iter(rows))]["threshold"] if k else None
         rows[name] = evaluate_scorer(scores[name], records, threshold)
     return rows, scores
+
+
+# ----------------------------------------------------------------------------
+# ProcessBench's own file format (QwenLM/ProcessBench): a JSON list of problems
+
+GENERATORS = {"train": "teacher, training voice", "heldout": "teacher, held-out voice"}   # by meta["voice"]
+PROCESSBENCH_FIELDS = {"id": ((str, int), "a string or an integer"), "generator": (str, "a string"),
+                       "problem": (str, "a string"), "steps": (list, "a list of strings"),
+                       "final_answer_correct": (bool, "true or false"), "label": (int, "an integer")}
+
+
+def to_processbench(records, name):
+    """Our records as ProcessBench problems: {"id", "generator", "problem", "steps",
+    "final_answer_correct", "label"}. steps are the thinking lines, label the hidden first error
+    (meta["first_error"]: the 0-based index of the earliest wrong step, -1 when every step is
+    right), final_answer_correct the expert's verdict on the response, generator the voice.
+
+    Where it departs from ProcessBench: its steps are a whole solution, ending in its answer; ours
+    are the thinking alone, so a record whose thinking is right and whose response drifts from it
+    (misaligned, truncated) has label -1 and a wrong final answer.
+    """
+    return [{"id": f"{name}-{r['id']}", "generator": GENERATORS[r["meta"]["voice"]], "problem": r["question"],
+             "steps": [str(line) for line in r["thinking"]],
+             "final_answer_correct": task.verify("\n".join(r["response"]), r["answer"]),
+             "label": r["meta"]["first_error"]} for r in records]
+
+
+def processbench_problem(row):
+    """What is wrong with one ProcessBench problem, or None."""
+    if not isinstance(row, dict):
+        return f"expected an object, got {type(row).__name__}"
+    for key, (kind, what) in PROCESSBENCH_FIELDS.items():
+        if key not in row:
+            return f"no '{key}'"
+        if not isinstance(row[key], kind) or (kind is int and isinstance(row[key], bool)):   # True is an int
+            return f"expected '{key}' to be {what}, got {json.dumps(row[key])[:40]}"
+    if not all(isinstance(step, str) for step in row["steps"]):
+        return "expected 'steps' to be a list of strings"
+    if not -1 <= row["label"] < len(row["steps"]):
+        return f"label {row['label']} is not -1 or the index of one of its {len(row['steps'])} steps"
+    return None
+
+
+def read_processbench(path):
+    """A ProcessBench file as (records, labels): each problem as a record the PRM scores,
+    {"id", "question": problem, "thinking": steps, "response": []}, and its label. Anything else
+    stops with a BadInput `path: what was expected` (problem k: the k-th of the list, from 0)."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such file (python data/arith/prepare.py writes ours)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: expected a JSON list of ProcessBench problems "
+                       f"({getattr(e, 'msg', None) or type(e).__name__})") from None
+    if not isinstance(rows, list) or not rows:
+        raise BadInput(f"{path}: expected a non-empty JSON list of ProcessBench problems")
+    for k, row in enumerate(rows):
+        problem = processbench_problem(row)
+        if problem:
+            raise BadInput(f"{path}: problem {k}: {problem}")
+    records = [{"id": row["id"], "question": row["problem"], "thinking": row["steps"], "response": []} for row in rows]
+    return records, [row["label"] for row in rows]
 
 
 def text_histogram(good, bad, bins=10, width=30, labels=("good", "flawed")):

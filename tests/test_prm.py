@@ -13,6 +13,7 @@ from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, ste
                    aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
 import train_prm
+import task
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +270,49 @@ def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.first_error_predictions(steps, 0.5) == [1, -1, 0]
     assert train_prm.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
     assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
+    """ProcessBench's metric as its code computes it, on five problems whose step scores are given."""
+    labels = [1, -1, 0, 2, -1]
+    steps = [["a", "b", "c"], ["a", "b"], ["a", "b"], ["a", "b", "c"], ["a", "b"]]
+    path = tmp_path / "five.json"
+    path.write_text(json.dumps([{"id": f"p-{k}", "generator": "by hand", "problem": "1 + 2", "steps": st,
+                                 "final_answer_correct": lab == -1, "label": lab}
+                                for k, (st, lab) in enumerate(zip(steps, labels))]))
+    records, read = train_prm.read_processbench(str(path))
+    assert read == labels and [r["thinking"] for r in records] == steps and all(r["response"] == [] for r in records)
+    scores = [[0.9, 0.3, 0.8],   # first below 0.5: step 1 = label 1, right
+              [0.9, 0.9],        # none below: -1 = label -1, right
+              [0.7, 0.2],        # step 1, label 0: wrong
+              [0.6, 0.9, 0.1],   # step 2 = label 2, right
+              [0.8, 0.4]]        # step 1, label -1: wrong
+    m = train_prm.processbench_metric(scores, read, 0.5)
+    # error acc 2/3, correct acc 1/2, F1 = 2 · (2/3) · (1/2) / (2/3 + 1/2) = 4/7
+    assert (m["n"], m["n_err"]) == (5, 3)
+    assert m["acc_err"] == pytest.approx(2 / 3) and m["acc_corr"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(4 / 7) and train_prm.first_error_f1(scores, read, 0.5) == pytest.approx(4 / 7)
+
+
+def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_path):
+    """Our records -> ProcessBench JSON -> records and labels: the labels are the hidden meta's first errors."""
+    for name, src in (("eval", "prm_eval.jsonl"), ("eval_heldout", "prm_eval_heldout.jsonl"),
+                      ("eval_longer", "prm_eval_longer.jsonl")):
+        ours = [json.loads(l) for l in open(smoke_data / src)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(train_prm.to_processbench(ours, name)))
+        records, labels = train_prm.read_processbench(str(path))
+        assert labels == [r["meta"]["first_error"] for r in ours], name
+        assert [r["thinking"] for r in records] == [r["thinking"] for r in ours]
+        assert [r["question"] for r in records] == [r["question"] for r in ours]
+        assert -1 in labels and any(lab >= 0 for lab in labels), "both kinds of problem"
+        # prepare.py wrote the same file
+        written = json.loads((smoke_data / f"processbench_{name}.json").read_text())
+        assert written == json.loads(path.read_text()), name
+        voice = "held-out" if name == "eval_heldout" else "training"
+        assert {row["generator"] for row in written} == {f"teacher, {voice} voice"}
+        assert [row["final_answer_correct"] for row in written] == [
+            task.verify("\n".join(r["response"]), r["answer"]) for r in ours]
 
 
 def test_evaluate_scorer_on_hand_made_scores():
