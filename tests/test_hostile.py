@@ -120,6 +120,23 @@ def make_probes(D, ckpt, tmp):
                                                   "--selectors=random,rf_total", f"--out_dir={o}"], where, o)
         if defect != "answer is missing":  # scoring needs no answer
             add(f"pool: {defect}", "rfprm.py", ["score", bad, f"--prm={ckpt['prm']}"], where, None)
+    # bad ProcessBench files (train_prm.py --processbench): checked before the PRM is loaded
+    (tmp / "processbench").mkdir(exist_ok=True)
+    good = json.loads((D / "processbench_eval.json").read_text())
+    pb_defects = {"a jsonl file": (D / "prm_eval.jsonl").read_bytes(), "an object for a list": b'{"id": 1}',
+                  "an empty list": b"[]", "invalid UTF-8": b'[{"id": "\xff"}]',
+                  "label past the steps": [{**good[0], "label": len(good[0]["steps"])}],
+                  "label true": [{**good[0], "label": True}], "steps hold a number": [{**good[0], "steps": ["a", 3]}],
+                  "no problem": [{k: v for k, v in good[0].items() if k != "problem"}]}
+    for defect, content in pb_defects.items():
+        bad = tmp / "processbench" / f"{defect.replace(' ', '_')}.json"
+        bad.write_bytes(content if isinstance(content, bytes) else json.dumps(good[:2] + content).encode())
+        add(f"processbench: {defect}", "train_prm.py", [f"--processbench={D}/processbench_eval.json,{bad}",
+                                                        f"--prm={ckpt['prm']}"], str(bad), None)
+    for defect, bad in (("no such file", tmp / "none.json"), ("a directory", tmp / "processbench")):
+        add(f"processbench: {defect}", "train_prm.py", [f"--processbench={bad}", f"--prm={ckpt['prm']}"], str(bad), None)
+    add("option --threshold without --processbench", "train_prm.py",
+        ["--smoke", "--threshold=0.3", f"--policy={ckpt['policy']}", f"--out_dir={tmp / 'thr'}"], "--threshold", tmp / "thr")
     # bad records and files where questions are read
     (tmp / "questions").mkdir(exist_ok=True)
     qs = write_defects(D / "test.jsonl", tmp / "questions")

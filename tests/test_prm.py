@@ -315,6 +315,40 @@ def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_p
             task.verify("\n".join(r["response"]), r["answer"]) for r in ours]
 
 
+def test_processbench_cli_prints_per_file_and_average_f1_without_training(smoke_data, smoke_prms, tmp_path):
+    files = [str(smoke_data / "processbench_eval.json"), str(smoke_data / "processbench_eval_heldout.json")]
+    proc = run_script("train_prm.py", f"--processbench={','.join(files)}", f"--prm={smoke_prms['fused']}",
+                      "--policy=/nonexistent", f"--out_dir={tmp_path / 'none'}")
+    out = proc.stdout
+    assert "reward design" not in out and not (tmp_path / "none").exists(), "no reward design, nothing written"
+    assert "first step scored below 0.500 (no ReasonFlux-PRM threshold in" in out   # the smoke PRM has no --eval
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(tuple(files))}
+    assert set(rows) == set(files)
+    f1s = [float(rows[f][-1]) for f in files]
+    for f in files:
+        problems, labels = train_prm.read_processbench(f)
+        assert int(rows[f][1]) == len(problems) and int(rows[f][2]) == sum(lab != -1 for lab in labels)
+        assert all(0.0 <= float(x) <= 100.0 for x in rows[f][3:])
+    average = next(line for line in out.splitlines() if line.startswith("average F1 over 2 files"))
+    assert float(average.split()[-1]) == pytest.approx(sum(f1s) / 2, abs=0.051)
+    # the threshold: --threshold wins; a processbench.json beside the PRM gives --eval's
+    at = run_script("train_prm.py", f"--processbench={files[0]}", f"--prm={smoke_prms['fused']}", "--threshold=0.25")
+    assert "below 0.250 (--threshold)" in at.stdout and "average F1 over 1 file " in at.stdout
+    prm_dir = tmp_path / "prm"
+    prm_dir.mkdir()
+    (prm_dir / "ckpt.pt").write_bytes(smoke_prms["fused"].read_bytes())
+    (prm_dir / "processbench.json").write_text(json.dumps({"rows": {"ReasonFlux-PRM": {"threshold": 0.125}}}))
+    stored = run_script("train_prm.py", f"--processbench={files[0]}", f"--prm={prm_dir / 'ckpt.pt'}")
+    assert f"below 0.125 (chosen by --eval, {prm_dir / 'processbench.json'})" in stored.stdout
+    # a bad file: one line naming it, exit code 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "generator": "g", "problem": "1 + 2", "steps": ["a"],
+                                "final_answer_correct": True, "label": 1}]))
+    proc = run_script("train_prm.py", f"--processbench={files[0]},{bad}", f"--prm={smoke_prms['fused']}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: problem 0: label 1 is not -1 or the index of one of its 1 steps"
+
+
 def test_evaluate_scorer_on_hand_made_scores():
     """Computation lines are those with 'a op b = c'; the per-flaw mean is over the test half."""
     def rec(flaw, ok):
