@@ -352,10 +352,10 @@ def test_verify_takes_integer_answers_and_ascii_digits_only():
 
 
 def old_template(thinking):
-    """template() as it was written first (a backward search per operand): the reference."""
-    import re
-    step_re = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
-    fix_re = re.compile(r"wait,\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s+is\s+(-?\d+),\s*not\s+(-?\d+)")
+    """template() as it was written first (a backward search per operand): the reference. It reads
+    lines with the expert's patterns (task.STEP_RE, FIX_RE, CHECK_RE), which know every voice's
+    words for '=' and for a correction; the search is what is compared."""
+    step_re, fix_re = task.STEP_RE, task.FIX_RE
     ops, results, consumed = [], [], set()
     for line in thinking or []:
         line = str(line)
@@ -368,7 +368,7 @@ def old_template(thinking):
                     break
             continue
         m = step_re.search(line)
-        if not m or line.lstrip().startswith("check"):
+        if not m or task.CHECK_RE.match(line):
             continue
         operands = []
         for x in (int(m[1]), int(m[3])):
