@@ -24,6 +24,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
 """
 
+import math
 import re
 import sys
 import time
@@ -552,6 +553,37 @@ def prm_total(score, alpha, with_response=True):
 def total_range(alpha, with_response):
     """The largest value prm_total can take: 1 + α, and 1 more with the response's term."""
     return 1 + alpha + (1 if with_response else 0)
+
+
+# the ways of turning a record's thinking-step scores into one number, and their names in the tables
+AGGREGATIONS = {"mean": "mean", "min": "min", "prod": "product", "last": "last step"}
+
+
+def aggregate(score, how, alpha=0.0):
+    """One number from a record's scores (PRM.score's dict): its thinking-step scores aggregated
+    `how`, plus α · its trajectory score.
+
+        mean   (1/T) Σ_t R_φ(s_t)    the paper's (with α: its total)
+        min    min_t R_φ(s_t)         a chain is as good as its worst step (Math-Shepherd's)
+        prod   Π_t R_φ(s_t)           all steps right, read as independent probabilities (Lightman et al.'s)
+        last   R_φ(s_T)               the last step's score, which has read every step before it
+
+    Only the thinking steps are read (the paper's steps), never the response's; prm_total, our
+    default total, adds the worst response step. A record without thinking steps counts 0 for the
+    step term, as in prm_total (not the empty product's 1, which would rank it first).
+
+    >>> s = {"step": [0.5, 0.8, 0.25], "response": [0.0], "trajectory": 0.5}
+    >>> [aggregate(s, how) for how in AGGREGATIONS], aggregate(s, "min", alpha=2.0)
+    ([0.5166666666666667, 0.25, 0.1, 0.25], 1.25)
+    """
+    steps = score["step"]
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregate: how must be one of {', '.join(AGGREGATIONS)}; got {how!r}")
+    step_term = 0.0
+    if steps:
+        step_term = {"mean": lambda: sum(steps) / len(steps), "min": lambda: min(steps),
+                     "prod": lambda: math.prod(steps), "last": lambda: steps[-1]}[how]()
+    return step_term + alpha * score["trajectory"]
 
 
 def prm_loss(scores, step_targets, final_targets, lam_step=1.0, lam_final=1.0):

@@ -4,6 +4,7 @@ Offline data selection: score the distilled pool with the PRMs, keep K records, 
     python select_data.py                                  # 8 selectors x 3 seeds
     python select_data.py --k=1000 --seeds=5
     python select_data.py --selectors=random,rf_total,oracle --budget_tokens=200000
+    python select_data.py --selectors=rf_top_k,rf_mean,rf_mean_traj,rf_min,rf_min_traj,rf_prod,rf_prod_traj,rf_last,rf_last_traj
 
 Reproduces the paper's first use of the PRM (its offline data selection table): every record
 of the selection pool is scored, the K best are kept, a student is fine-tuned on them, and
@@ -19,6 +20,10 @@ its accuracy on held-out questions says how good the selection was. Selectors:
   ReasonFlux, top-K   the paper's form: top-K by total = mean(step) + min(response) + α·trajectory
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
+  rf_mean, rf_min,    top-K by ReasonFlux-PRM's thinking-step scores aggregated another way
+  rf_prod, rf_last    (rfprm.aggregate); with _traj (rf_mean_traj, ...) + α·trajectory. Read from
+                      the same pool scores, no other forward pass; not in the default --selectors
+                      (each row trains a student per seed): the last command above runs them
 
 Protocol. The student has never seen the selection pool: every student starts from --init
 (run.sh's out/start: the policy's own SFT run at step 2000, kept by `sft.py --snapshot_step`).
@@ -49,7 +54,8 @@ Where this departs from the paper:
   * the baselines are our own scorers (response-only PRM, confidence), the answer key (outcome
     filter) and random, not released PRMs or human curation (s1k);
   * budgets are matched in target tokens (ours): the paper matches the number of samples;
-  * several seeds and a std per selector, the step-only row and the oracle are our additions.
+  * several seeds and a std per selector, the step-only row, the oracle and the aggregation rows
+    are our additions (the paper's aggregation is the mean: rf_mean_traj is its total).
 """
 
 import os
@@ -67,7 +73,7 @@ from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, form
 from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
                       print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options,
                       check_writable, run_main, load_cache, BadInput, map_in_processes)
-from rfprm import load_prm, prm_total, untrained_scorer
+from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS
 
 
 @dataclass
@@ -116,7 +122,14 @@ SELECTORS = {
     "rf_top_k": "ReasonFlux, top-K (paper)",
     "oracle": "oracle: clean (upper bound)",
 }
+# ReasonFlux-PRM's scores aggregated other ways, top-K by each: selector key -> (how, with α·trajectory)
+AGGREGATED = {f"rf_{how}" + ("_traj" if traj else ""): (how, traj) for how in AGGREGATIONS for traj in (False, True)}
+SELECTORS.update({key: f"RF top-K: {AGGREGATIONS[how]}" + (" + α·traj" if traj else "")
+                  for key, (how, traj) in AGGREGATED.items()})
 HEADLINE = "rf_total"
+PRM_SELECTORS = {"rf_total", "rf_step", "rf_top_k", *AGGREGATED}   # the selectors that read ReasonFlux-PRM
+# the columns of a pool's scores (score_pool), one per record
+POOL_COLUMNS = ("rf_step", "rf_total", "rf_worst", "rf_trajectory", *AGGREGATED)
 
 
 # ----------------------------------------------------------------------------
@@ -201,21 +214,22 @@ def select(key, records, scores, k, seed, hidden_meta=None):
     """Pool indices of the K records that selector `key` keeps.
 
     records carry no `meta`; scores {"rf_total", "rf_step", "rf_worst", "rf_trajectory",
-    "response_prm", "confidence": [float]}; only the oracle receives hidden_meta. Random selectors
+    "response_prm", "confidence", and each key of AGGREGATED: [float]}; only the oracle receives hidden_meta. Random selectors
     draw with `seed`, top-K selectors ignore it.
 
     ReasonFlux-PRM (ours, accepted_k): a record is accepted when the PRM scores every step of it
     at least ½, the midpoint between the label of a wrong step (0) and of a right one (¾ or more,
     rfprm.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
     plan that helps the policy as much as no plan (rfprm.relative_final); α = 0 (rf_step) reads
-    the steps only. rf_top_k is the paper's top-K by the total.
+    the steps only. rf_top_k is the paper's top-K by the total; each key of AGGREGATED, the top-K
+    by its aggregation of the same scores.
     """
     if key == "random":
         return random_k(list(range(len(records))), k, seed, "pool")
     if key == "outcome":
         right = [i for i, r in enumerate(records) if answer_right(r)]
         return random_k(right, k, seed, "set of records with a right final answer")
-    if key in ("response_prm", "confidence", "rf_top_k"):
+    if key in ("response_prm", "confidence", "rf_top_k", *AGGREGATED):
         return top_k(scores["rf_total" if key == "rf_top_k" else key], k)
     if key in ("rf_total", "rf_step"):
         return accepted_k(prm_accepts(scores, key == "rf_total"), scores[key], k, seed)
@@ -230,8 +244,9 @@ def select(key, records, scores, k, seed, hidden_meta=None):
 
 
 def score_pool(prm, records, batch_size, name):
-    """[(mean step score, total, worst step score, trajectory score)] of every record under a
-    scorer (PRM.score), batched, with ETA. The worst step is over thinking and response steps.
+    """[(mean step score, total, worst step score, trajectory score, *aggregations)] of every record
+    under a scorer (PRM.score), batched, with ETA: POOL_COLUMNS. The worst step is over thinking and
+    response steps; the aggregations (AGGREGATED, rfprm.aggregate) come from the same scores.
 
     Records are scored in order of length (little padding per batch), in chunks for progress.
     """
@@ -241,7 +256,8 @@ def score_pool(prm, records, batch_size, name):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
             out[i] = (prm_total(s, 0.0, prm.with_response), s["total"],
-                      min(s["step"] + s["response"], default=1.0), s["trajectory"])
+                      min(s["step"] + s["response"], default=1.0), s["trajectory"],
+                      *(aggregate(s, how, prm.alpha if traj else 0.0) for how, traj in AGGREGATED.values()))
         done = min(len(order), j + chunk)
         print(f"scoring with {name}: {done:,}/{len(order):,} records | "
               f"eta {format_eta((time.time() - t0) / done * (len(order) - done))}")
@@ -250,7 +266,8 @@ def score_pool(prm, records, batch_size, name):
 
 def cached_scores(path, make_scorer, records, cfg, name):
     """score_pool, reused from the cache when the pool file and the checkpoint are unchanged."""
-    key = f"{file_digest(cfg.data)}-{file_digest(path)}-{name.split()[0].lower()}"
+    # the column count is in the key: a cache written before a column existed is not read
+    key = f"{file_digest(cfg.data)}-{file_digest(path)}-{name.split()[0].lower()}-{len(POOL_COLUMNS)}"
     cache = os.path.join(cfg.cache_dir or cfg.out_dir, f"pool-scores-{key}.pt")
     reused = load_cache(cache, f"scoring with {name}")
     if reused is not None:
@@ -444,7 +461,7 @@ def main(argv=None):
     need(len(pool), cfg.k)  # before any scoring or training
     hidden_meta = [r["meta"] for r in pool]
     records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    needed = {"prm": ({"rf_total", "rf_step", "rf_top_k"}, "prm"), "prm_response": ({"response_prm"}, "prm"),
+    needed = {"prm": (PRM_SELECTORS, "prm"), "prm_response": ({"response_prm"}, "prm"),
               "policy": ({"confidence"}, "policy")}
     for opt, (users, kind) in needed.items():  # fail now, not after minutes of work
         path = getattr(cfg, opt)
@@ -461,9 +478,9 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     scores = {}
-    if {"rf_total", "rf_step", "rf_top_k"} & set(keys):
+    if PRM_SELECTORS & set(keys):
         rf = cached_scores(cfg.prm, lambda: load_prm(cfg.prm, device), records, cfg, "ReasonFlux-PRM")
-        for j, name in enumerate(("rf_step", "rf_total", "rf_worst", "rf_trajectory")):
+        for j, name in enumerate(POOL_COLUMNS):
             scores[name] = [x[j] for x in rf]
     if "response_prm" in keys:
         scores["response_prm"] = [x[1] for x in cached_scores(cfg.prm_response, lambda: load_prm(cfg.prm_response, device),

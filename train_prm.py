@@ -5,6 +5,8 @@ Reward design and training of ReasonFlux-PRM, and its evaluation on a synthetic 
     python train_prm.py --eval                 # + baselines and ablations (out/prm_*), the ProcessBench table
     python train_prm.py --eval --rows=main,quality   # only those rows of the table
     python train_prm.py --labels=mc --out_dir=out/prm_response   # the response-only baseline alone
+    python train_prm.py --processbench=data/arith/processbench_eval.json,data/arith/processbench_eval_heldout.json
+                                               # ProcessBench's metric on files in its format (trains nothing)
     torchrun --nproc_per_node=2 train_prm.py   # DDP (gloo on CPU)
 
 Reward design (rfprm.design_rewards), for each training record (question x, thinking
@@ -37,6 +39,11 @@ Where this departs from, or fills in for, the paper (its release has no PRM trai
     r_align takes the max over response steps instead of merging steps to pair them;
   * the loss is MSE on sigmoid scores, as the paper's formula, with λ_step = λ_final = 1.
 The hidden `meta` of records is read only by the evaluation, never for training.
+
+--processbench=FILE[,FILE...] scores files in ProcessBench's own format (a JSON list of
+{id, generator, problem, steps, final_answer_correct, label}; prepare.py writes our three sets so)
+with the trained PRM --prm and prints ProcessBench's metric per file and its average over the
+files (score_processbench). It needs no policy, no reward design and trains nothing.
 """
 
 import hashlib
@@ -58,7 +65,7 @@ from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, s
                       check_options, require, check_writable, run_main, load_cache, skip_long_prompts,
                       record_names, BadInput)
 from rfprm import (PRM, design_rewards, fuse_rewards, gated_fusion, relative_final, encode_for_prm, batch_of,
-                   prm_loss, untrained_scorer, prm_tokens, step_result_tokens)
+                   prm_loss, untrained_scorer, prm_tokens, step_result_tokens, load_prm)
 
 
 @dataclass
@@ -118,6 +125,10 @@ class PRMConfig:
     eval_records: int = 2000
     rows: str = ""                 # with --eval: the table's rows, by out_dir suffix ("main,quality,response";
                                    # "main" is ReasonFlux-PRM); empty: all
+    # ProcessBench's own files, scored by a trained PRM (score_processbench): no reward design, no training
+    processbench: str = ""         # FILE[,FILE...] in ProcessBench's format; empty: train as above
+    prm: str = "out/prm/ckpt.pt"   # the PRM that scores them
+    threshold: float = -1.0        # the first-error threshold; < 0: the one --eval stored beside --prm, else 0.5
     preset: str = ""               # "gpu": the larger run for one GPU (GPU below)
     smoke: bool = False
 
@@ -470,13 +481,27 @@ def first_error_predictions(step_scores, threshold):
     return [next((t for t, s in enumerate(steps) if s < threshold), -1) for steps in step_scores]
 
 
-def first_error_f1(step_scores, first_errors, threshold):
-    """ProcessBench's F1: harmonic mean of the accuracy on erroneous and on error-free records."""
+def processbench_metric(step_scores, first_errors, threshold):
+    """ProcessBench's metric (QwenLM/ProcessBench): the predicted first error is the first step
+    scored below threshold, or -1; acc_err is the share of the problems with an error (label != -1)
+    whose first error is predicted exactly, acc_corr the share of the error-free ones predicted -1,
+    F1 their harmonic mean. Where ProcessBench's code would divide 0 by 0 (no problem of a kind, or
+    both accuracies 0) this gives 0.
+
+    >>> processbench_metric([[0.9, 0.2], [0.9, 0.9], [0.1]], [1, -1, 1], 0.5)["f1"]
+    0.6666666666666666
+    """
     pred = first_error_predictions(step_scores, threshold)
     err = [p == f for p, f in zip(pred, first_errors) if f != -1]
     ok = [p == f for p, f in zip(pred, first_errors) if f == -1]
     a, b = (sum(err) / len(err) if err else 0.0), (sum(ok) / len(ok) if ok else 0.0)
-    return 2 * a * b / (a + b) if a + b else 0.0
+    return {"acc_err": a, "acc_corr": b, "f1": 2 * a * b / (a + b) if a + b else 0.0,
+            "n": len(pred), "n_err": len(err)}
+
+
+def first_error_f1(step_scores, first_errors, threshold):
+    """ProcessBench's F1: harmonic mean of the accuracy on erroneous and on error-free records."""
+    return processbench_metric(step_scores, first_errors, threshold)["f1"]
 
 
 def evaluate_scorer(scores, records, threshold=None):
@@ -519,6 +544,124 @@ def evaluate_on_sets(prm, eval_sets):
         threshold = rows[next(iter(rows))]["threshold"] if k else None
         rows[name] = evaluate_scorer(scores[name], records, threshold)
     return rows, scores
+
+
+# ----------------------------------------------------------------------------
+# ProcessBench's own file format (QwenLM/ProcessBench): a JSON list of problems
+
+GENERATORS = {"train": "teacher, training voice", "heldout": "teacher, held-out voice"}   # by meta["voice"]
+PROCESSBENCH_FIELDS = {"id": ((str, int), "a string or an integer"), "generator": (str, "a string"),
+                       "problem": (str, "a string"), "steps": (list, "a list of strings"),
+                       "final_answer_correct": (bool, "true or false"), "label": (int, "an integer")}
+
+
+def to_processbench(records, name):
+    """Our records as ProcessBench problems: {"id", "generator", "problem", "steps",
+    "final_answer_correct", "label"}. steps are the thinking lines, label the hidden first error
+    (meta["first_error"]: the 0-based index of the earliest wrong step, -1 when every step is
+    right), final_answer_correct the expert's verdict on the response, generator the voice.
+
+    Where it departs from ProcessBench: its steps are a whole solution, ending in its answer; ours
+    are the thinking alone, so a record whose thinking is right and whose response drifts from it
+    (misaligned, truncated) has label -1 and a wrong final answer.
+    """
+    return [{"id": f"{name}-{r['id']}", "generator": GENERATORS[r["meta"]["voice"]], "problem": r["question"],
+             "steps": [str(line) for line in r["thinking"]],
+             "final_answer_correct": task.verify("\n".join(r["response"]), r["answer"]),
+             "label": r["meta"]["first_error"]} for r in records]
+
+
+def processbench_problem(row):
+    """What is wrong with one ProcessBench problem, or None."""
+    if not isinstance(row, dict):
+        return f"expected an object, got {type(row).__name__}"
+    for key, (kind, what) in PROCESSBENCH_FIELDS.items():
+        if key not in row:
+            return f"no '{key}'"
+        if not isinstance(row[key], kind) or (kind is int and isinstance(row[key], bool)):   # True is an int
+            return f"expected '{key}' to be {what}, got {json.dumps(row[key])[:40]}"
+    if not all(isinstance(step, str) for step in row["steps"]):
+        return "expected 'steps' to be a list of strings"
+    if not -1 <= row["label"] < len(row["steps"]):
+        return f"label {row['label']} is not -1 or the index of one of its {len(row['steps'])} steps"
+    return None
+
+
+def read_processbench(path):
+    """A ProcessBench file as (records, labels): each problem as a record the PRM scores,
+    {"id", "question": problem, "thinking": steps, "response": []}, and its label. Anything else
+    stops with a BadInput `path: what was expected` (problem k: the k-th of the list, from 0)."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such file (python data/arith/prepare.py writes ours)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: expected UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (ValueError, RecursionError) as e:
+        raise BadInput(f"{path}: expected a JSON list of ProcessBench problems "
+                       f"({getattr(e, 'msg', None) or type(e).__name__})") from None
+    if not isinstance(rows, list) or not rows:
+        raise BadInput(f"{path}: expected a non-empty JSON list of ProcessBench problems")
+    for k, row in enumerate(rows):
+        problem = processbench_problem(row)
+        if problem:
+            raise BadInput(f"{path}: problem {k}: {problem}")
+    records = [{"id": row["id"], "question": row["problem"], "thinking": row["steps"], "response": []} for row in rows]
+    return records, [row["label"] for row in rows]
+
+
+def processbench_threshold(cfg):
+    """(threshold, where it comes from) for --processbench: --threshold when given; else the one
+    --eval chose for ReasonFlux-PRM on the records' own voice, in processbench.json beside --prm
+    (out/prm/processbench.json for out/prm/ckpt.pt); else 0.5, the midpoint between a wrong step's
+    label (0) and a right one's (¾ or more, rfprm.gated_fusion)."""
+    if cfg.threshold >= 0:
+        return cfg.threshold, "--threshold"
+    path = os.path.join(os.path.dirname(cfg.prm), "processbench.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return float(json.load(f)["rows"]["ReasonFlux-PRM"]["threshold"]), f"chosen by --eval, {path}"
+    except (OSError, ValueError, KeyError, TypeError):   # none stored: the label scale's midpoint
+        return 0.5, f"no ReasonFlux-PRM threshold in {path}"
+
+
+def score_processbench(cfg):
+    """--processbench: ProcessBench's metric (processbench_metric) of the PRM --prm on each file
+    (read_processbench), and the average of the per-file F1s, as ProcessBench averages its subsets.
+    Returns {file: metric}.
+
+    A problem has no response: the PRM reads its steps as thinking lines, then <|/think|> and
+    <|endoftext|> at once (rfprm.prm_tokens); each step's score is read where it ends, and the
+    trajectory score is still read at the end, though the metric needs the step scores only.
+    The threshold (processbench_threshold) is fixed before any file is read: nothing is tuned on
+    them. On our own sets the F1 is over the whole file, where --eval's is over the records not
+    used to choose the threshold (and at most --eval_records of them), so the two differ a little.
+    """
+    paths = [p.strip() for p in cfg.processbench.split(",") if p.strip()]
+    sets = {path: read_processbench(path) for path in paths}   # every file is checked before the PRM loads
+    threshold, source = processbench_threshold(cfg)
+    prm = load_prm(cfg.prm, pick_device(cfg.device))
+    results = {path: processbench_metric([s["step"] for s in prm.score(records)], labels, threshold)
+               for path, (records, labels) in sets.items()}
+    print(format_processbench(results, threshold, source, cfg.prm))
+    return results
+
+
+def format_processbench(results, threshold, source, prm_path):
+    """ProcessBench's table: per file the problems, those with an error, error acc, correct acc and
+    F1 in percent, as ProcessBench prints them; then the F1 averaged over the files."""
+    w = max(len("file"), *(len(p) for p in results))
+    lines = [f"\nProcessBench's metric, {prm_path}: the predicted first error is the first step scored below "
+             f"{threshold:.3f} ({source})",
+             f"{'file':<{w}}{'problems':>10}{'with error':>12}{'error acc':>11}{'correct acc':>13}{'F1':>7}"]
+    for path, r in results.items():
+        lines.append(f"{path:<{w}}{r['n']:>10}{r['n_err']:>12}{100 * r['acc_err']:>11.1f}"
+                     f"{100 * r['acc_corr']:>13.1f}{100 * r['f1']:>7.1f}")
+    mean_f1 = sum(r["f1"] for r in results.values()) / len(results)
+    files = f"{len(results)} file" + ("s" if len(results) > 1 else "")
+    lines.append(f"{f'average F1 over {files}':<{w + 46}}{100 * mean_f1:>7.1f}")
+    return "\n".join(lines)
 
 
 def text_histogram(good, bad, bins=10, width=30, labels=("good", "flawed")):
@@ -672,6 +815,12 @@ def main(argv=None):
     check_options(cfg, AT_LEAST, CHOICES)
     require(cfg.tau > 0 and 0 <= cfg.judge_noise <= 1, "--tau must be > 0 and --judge_noise in [0, 1]")
     require(0 <= cfg.scramble <= 1, f"--scramble must be in [0, 1], got {cfg.scramble}")
+    require(cfg.threshold <= 1, f"--threshold must be at most 1 (negative: the stored one, else 0.5), got {cfg.threshold}")
+    if cfg.processbench:   # a trained PRM scores files: no reward design, no training
+        require(not cfg.eval and not cfg.rows, "--processbench scores files with a trained PRM (--prm) and "
+                                               "trains nothing: drop --eval and --rows")
+        return score_processbench(cfg)
+    require(cfg.threshold < 0, "--threshold is read by --processbench only")
     if cfg.rows and not cfg.eval:
         raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work

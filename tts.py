@@ -9,6 +9,9 @@ Reproduces the paper's third use of the PRM: the policy samples N answers to
 a question, a chooser keeps one, and accuracy is plotted against N. Choosers:
 
   ReasonFlux-PRM      the sample with the highest total (rfprm.prm_total)
+    mean, min,        the same PRM's thinking-step scores aggregated another way (rfprm.aggregate),
+    product,          each without and with + α·trajectory, read from the row above's scores with
+    last step         no other forward pass
   response-only PRM   the same rule with the baseline PRM trained on responses only (MC labels)
   outcome scorer      the same rule with the scorer trained on final-answer correctness only
   confidence          the same rule with the policy's own lowest token log-probability per step
@@ -34,7 +37,8 @@ Where this departs from the paper:
   * the baselines are our own small PRMs trained on the same pool (train_prm.py --labels=mc
     and --labels=outcome), used through their `total` exactly like ReasonFlux-PRM, as the
     synthetic ProcessBench of train_prm.py does, rather than released PRMs;
-  * the oracle and the PRM-weighted vote are our additions (an upper bound and a hybrid).
+  * the oracle and the PRM-weighted vote are our additions (an upper bound and a hybrid);
+  * so are the aggregation rows: the paper aggregates by the mean (its total, "mean + α·traj").
 """
 
 import itertools
@@ -52,7 +56,7 @@ from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_
 from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
                       read_jsonl, write_json_atomic, check_options, require, check_writable, run_main,
                       skip_long_prompts, BadInput)
-from rfprm import load_prm, untrained_scorer
+from rfprm import load_prm, untrained_scorer, aggregate, AGGREGATIONS
 
 
 @dataclass
@@ -254,11 +258,11 @@ def mean_loglik(policy, tok, prompts, comps, batch_size=64):
 
 
 def score_unique(score_fn, records, keys, chunk, name):
-    """score_fn(indices) -> one float per sample, called on each distinct key once, with ETA.
+    """score_fn(indices) -> one value per sample, called on each distinct key once, with ETA.
 
     A sharp policy repeats itself, so identical (question, completion) pairs are scored once;
     samples go in order of their number of lines (a proxy for length), so that a batch carries
-    little padding; `chunk` samples per progress line. Returns (a float per sample, distinct count).
+    little padding; `chunk` samples per progress line. Returns (a value per sample, distinct count).
     """
     first = {}
     for i, k in enumerate(keys):
@@ -272,6 +276,15 @@ def score_unique(score_fn, records, keys, chunk, name):
         print(f"scoring with {name}: {done:,}/{len(uniq):,} distinct samples | "
               f"eta {format_eta((time.time() - t0) / done * (len(uniq) - done))}")
     return [total[first[k]] for k in keys], len(uniq)
+
+
+def aggregated_rows(prm_scores, alpha, shape):
+    """{row name: (Q, M) scores}: every sample's ReasonFlux-PRM scores (PRM.score's dicts, already
+    computed) aggregated each way of rfprm.aggregate, without and with α · trajectory. The names
+    are indented: they are variants of the ReasonFlux-PRM row, printed below it."""
+    return {f"  {name}" + (" + α·traj" if a else ""):
+            torch.tensor([aggregate(s, how, a) for s in prm_scores]).view(shape)
+            for how, name in AGGREGATIONS.items() for a in (0.0, alpha)}
 
 
 # ----------------------------------------------------------------------------
@@ -409,14 +422,17 @@ def main(argv=None):
     keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
     scorers = {name: load_prm(path, device) for name, path in prm_paths.items()}
     scorers[CONFIDENCE] = untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
-    score_fns = {name: (lambda idx, prm=prm: [s["total"] for s in prm.score([records[i] for i in idx])])
-                 for name, prm in scorers.items()}
+    # each scorer gives a dict per sample ({"step", "response", "trajectory", "total"} for a PRM)
+    score_fns = {name: (lambda idx, prm=prm: prm.score([records[i] for i in idx])) for name, prm in scorers.items()}
     prompts = [encode_prompt(tok, q["question"]) for q in questions for _ in range(cfg.n_samples)]
-    score_fns[LIKELIHOOD] = lambda idx: mean_loglik(policy, tok, [prompts[i] for i in idx], [comps[i] for i in idx])
+    score_fns[LIKELIHOOD] = lambda idx: [{"total": x} for x in
+                                         mean_loglik(policy, tok, [prompts[i] for i in idx], [comps[i] for i in idx])]
     scores, n_unique = {}, 0
     for name, fn in score_fns.items():
-        totals, n_unique = score_unique(fn, records, keys, 2 * cfg.batch_size, name)
-        scores[name] = torch.tensor(totals).view(len(questions), cfg.n_samples)
+        values, n_unique = score_unique(fn, records, keys, 2 * cfg.batch_size, name)
+        scores[name] = torch.tensor([v["total"] for v in values]).view(len(questions), cfg.n_samples)
+        if name == WEIGHTS:   # the same scores aggregated other ways: rows below it, no other forward pass
+            scores.update(aggregated_rows(values, scorers[name].alpha, (len(questions), cfg.n_samples)))
     t_score = time.time() - t0 - t_sample
 
     Q, M = len(questions), cfg.n_samples
@@ -434,10 +450,11 @@ def main(argv=None):
     print(format_picked_answers(scores, answers, questions))
     verdict = checks(curves, per_question, ns)
     png = os.path.join(cfg.out_dir, "tts.png")
-    if save_figure(curves, ns, png):
+    headline = {k: v for k, v in curves.items() if not k.startswith("  ")}   # 17 curves would hide each other
+    if save_figure(headline, ns, png):
         print(f"figure: {png}")
     else:
-        plot = text_plot(curves, ns)
+        plot = text_plot(headline, ns)
         print(plot)
         with open(os.path.join(cfg.out_dir, "tts_plot.txt"), "w") as f:
             f.write(plot + "\n")

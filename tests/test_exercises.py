@@ -143,11 +143,12 @@ def test_selection_with_the_response_only_prm(smoke_data, smoke_base, smoke_prms
     scores = {}
     for key, ckpt, name in (("response_prm", smoke_prms["mc"], "response-only"),
                             ("rf_top_k", smoke_prms["fused"], "reasonflux-prm")):
-        scores[key] = torch.load(out / f"pool-scores-{file_digest(pool)}-{file_digest(str(ckpt))}-{name}.pt")
+        n_columns = len(select_data.POOL_COLUMNS)
+        scores[key] = torch.load(out / f"pool-scores-{file_digest(pool)}-{file_digest(str(ckpt))}-{name}-{n_columns}.pt")
         assert selected[key] == select_data.top_k(scores[key][:, 1].tolist(), res["k"]), key
     assert selected["response_prm"] != selected["rf_top_k"]
     # ReasonFlux-PRM draws among the records its PRM accepts: every step and the trajectory >= 1/2
-    _, total, worst, trajectory = scores["rf_top_k"].T.tolist()
+    _, total, worst, trajectory = scores["rf_top_k"].T.tolist()[:4]   # then the aggregations
     accepted = [w >= 0.5 and t >= 0.5 for w, t in zip(worst, trajectory)]
     assert selected["rf_total"] == select_data.accepted_k(accepted, total, res["k"], res["seeds"][0])
 

@@ -120,6 +120,23 @@ def make_probes(D, ckpt, tmp):
                                                   "--selectors=random,rf_total", f"--out_dir={o}"], where, o)
         if defect != "answer is missing":  # scoring needs no answer
             add(f"pool: {defect}", "rfprm.py", ["score", bad, f"--prm={ckpt['prm']}"], where, None)
+    # bad ProcessBench files (train_prm.py --processbench): checked before the PRM is loaded
+    (tmp / "processbench").mkdir(exist_ok=True)
+    good = json.loads((D / "processbench_eval.json").read_text())
+    pb_defects = {"a jsonl file": (D / "prm_eval.jsonl").read_bytes(), "an object for a list": b'{"id": 1}',
+                  "an empty list": b"[]", "invalid UTF-8": b'[{"id": "\xff"}]',
+                  "label past the steps": [{**good[0], "label": len(good[0]["steps"])}],
+                  "label true": [{**good[0], "label": True}], "steps hold a number": [{**good[0], "steps": ["a", 3]}],
+                  "no problem": [{k: v for k, v in good[0].items() if k != "problem"}]}
+    for defect, content in pb_defects.items():
+        bad = tmp / "processbench" / f"{defect.replace(' ', '_')}.json"
+        bad.write_bytes(content if isinstance(content, bytes) else json.dumps(good[:2] + content).encode())
+        add(f"processbench: {defect}", "train_prm.py", [f"--processbench={D}/processbench_eval.json,{bad}",
+                                                        f"--prm={ckpt['prm']}"], str(bad), None)
+    for defect, bad in (("no such file", tmp / "none.json"), ("a directory", tmp / "processbench")):
+        add(f"processbench: {defect}", "train_prm.py", [f"--processbench={bad}", f"--prm={ckpt['prm']}"], str(bad), None)
+    add("option --threshold without --processbench", "train_prm.py",
+        ["--smoke", "--threshold=0.3", f"--policy={ckpt['policy']}", f"--out_dir={tmp / 'thr'}"], "--threshold", tmp / "thr")
     # bad records and files where questions are read
     (tmp / "questions").mkdir(exist_ok=True)
     qs = write_defects(D / "test.jsonl", tmp / "questions")
@@ -335,10 +352,10 @@ def test_verify_takes_integer_answers_and_ascii_digits_only():
 
 
 def old_template(thinking):
-    """template() as it was written first (a backward search per operand): the reference."""
-    import re
-    step_re = re.compile(r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)")
-    fix_re = re.compile(r"wait,\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s+is\s+(-?\d+),\s*not\s+(-?\d+)")
+    """template() as it was written first (a backward search per operand): the reference. It reads
+    lines with the expert's patterns (task.STEP_RE, FIX_RE, CHECK_RE), which know every voice's
+    words for '=' and for a correction; the search is what is compared."""
+    step_re, fix_re = task.STEP_RE, task.FIX_RE
     ops, results, consumed = [], [], set()
     for line in thinking or []:
         line = str(line)
@@ -351,7 +368,7 @@ def old_template(thinking):
                     break
             continue
         m = step_re.search(line)
-        if not m or line.lstrip().startswith("check"):
+        if not m or task.CHECK_RE.match(line):
             continue
         operands = []
         for x in (int(m[1]), int(m[3])):

@@ -9,9 +9,11 @@ import torch
 
 from conftest import run_script
 from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
-from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size)
+from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
+                   aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
 import train_prm
+import task
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +178,22 @@ def test_total_is_mean_step_plus_alpha_trajectory():
     assert prm_total({"step": [], "response": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
 
 
+def test_aggregations_of_a_hand_made_score():
+    """Four ways of reading the thinking steps, each with and without α · trajectory; the response is never read."""
+    s = {"step": [0.9, 0.5, 0.8], "response": [0.0], "trajectory": 0.4, "total": 9.9}
+    want = {"mean": 2.2 / 3, "min": 0.5, "prod": 0.36, "last": 0.8}
+    assert list(AGGREGATIONS) == list(want)
+    for how, value in want.items():
+        assert aggregate(s, how) == pytest.approx(value), how
+        assert aggregate(s, how, alpha=0.5) == pytest.approx(value + 0.2), how
+    # the paper's total is the mean with α
+    assert aggregate(s, "mean", 1.0) == pytest.approx(prm_total(s, 1.0, with_response=False))
+    # no thinking steps: the step term is 0 for every aggregation (not the empty product's 1)
+    assert [aggregate({"step": [], "trajectory": 0.4}, how, 1.0) for how in want] == pytest.approx([0.4] * 4)
+    with pytest.raises(ValueError, match="how must be one of"):
+        aggregate(s, "median")
+
+
 def test_score_never_crashes_on_odd_records(smoke_prms):
     prm = load_prm(str(smoke_prms["fused"]), device="cpu")
     records = [{"question": "1 + 2", "thinking": [], "response": ["Answer: 3"]},
@@ -252,6 +270,83 @@ def test_auroc_and_first_error_f1_by_hand():
     assert train_prm.first_error_predictions(steps, 0.5) == [1, -1, 0]
     assert train_prm.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
     assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
+
+
+def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
+    """ProcessBench's metric as its code computes it, on five problems whose step scores are given."""
+    labels = [1, -1, 0, 2, -1]
+    steps = [["a", "b", "c"], ["a", "b"], ["a", "b"], ["a", "b", "c"], ["a", "b"]]
+    path = tmp_path / "five.json"
+    path.write_text(json.dumps([{"id": f"p-{k}", "generator": "by hand", "problem": "1 + 2", "steps": st,
+                                 "final_answer_correct": lab == -1, "label": lab}
+                                for k, (st, lab) in enumerate(zip(steps, labels))]))
+    records, read = train_prm.read_processbench(str(path))
+    assert read == labels and [r["thinking"] for r in records] == steps and all(r["response"] == [] for r in records)
+    scores = [[0.9, 0.3, 0.8],   # first below 0.5: step 1 = label 1, right
+              [0.9, 0.9],        # none below: -1 = label -1, right
+              [0.7, 0.2],        # step 1, label 0: wrong
+              [0.6, 0.9, 0.1],   # step 2 = label 2, right
+              [0.8, 0.4]]        # step 1, label -1: wrong
+    m = train_prm.processbench_metric(scores, read, 0.5)
+    # error acc 2/3, correct acc 1/2, F1 = 2 · (2/3) · (1/2) / (2/3 + 1/2) = 4/7
+    assert (m["n"], m["n_err"]) == (5, 3)
+    assert m["acc_err"] == pytest.approx(2 / 3) and m["acc_corr"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(4 / 7) and train_prm.first_error_f1(scores, read, 0.5) == pytest.approx(4 / 7)
+
+
+def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_path):
+    """Our records -> ProcessBench JSON -> records and labels: the labels are the hidden meta's first errors."""
+    for name, src in (("eval", "prm_eval.jsonl"), ("eval_heldout", "prm_eval_heldout.jsonl"),
+                      ("eval_longer", "prm_eval_longer.jsonl")):
+        ours = [json.loads(l) for l in open(smoke_data / src)]
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(train_prm.to_processbench(ours, name)))
+        records, labels = train_prm.read_processbench(str(path))
+        assert labels == [r["meta"]["first_error"] for r in ours], name
+        assert [r["thinking"] for r in records] == [r["thinking"] for r in ours]
+        assert [r["question"] for r in records] == [r["question"] for r in ours]
+        assert -1 in labels and any(lab >= 0 for lab in labels), "both kinds of problem"
+        # prepare.py wrote the same file
+        written = json.loads((smoke_data / f"processbench_{name}.json").read_text())
+        assert written == json.loads(path.read_text()), name
+        voice = "held-out" if name == "eval_heldout" else "training"
+        assert {row["generator"] for row in written} == {f"teacher, {voice} voice"}
+        assert [row["final_answer_correct"] for row in written] == [
+            task.verify("\n".join(r["response"]), r["answer"]) for r in ours]
+
+
+def test_processbench_cli_prints_per_file_and_average_f1_without_training(smoke_data, smoke_prms, tmp_path):
+    files = [str(smoke_data / "processbench_eval.json"), str(smoke_data / "processbench_eval_heldout.json")]
+    proc = run_script("train_prm.py", f"--processbench={','.join(files)}", f"--prm={smoke_prms['fused']}",
+                      "--policy=/nonexistent", f"--out_dir={tmp_path / 'none'}")
+    out = proc.stdout
+    assert "reward design" not in out and not (tmp_path / "none").exists(), "no reward design, nothing written"
+    assert "first step scored below 0.500 (no ReasonFlux-PRM threshold in" in out   # the smoke PRM has no --eval
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(tuple(files))}
+    assert set(rows) == set(files)
+    f1s = [float(rows[f][-1]) for f in files]
+    for f in files:
+        problems, labels = train_prm.read_processbench(f)
+        assert int(rows[f][1]) == len(problems) and int(rows[f][2]) == sum(lab != -1 for lab in labels)
+        assert all(0.0 <= float(x) <= 100.0 for x in rows[f][3:])
+    average = next(line for line in out.splitlines() if line.startswith("average F1 over 2 files"))
+    assert float(average.split()[-1]) == pytest.approx(sum(f1s) / 2, abs=0.051)
+    # the threshold: --threshold wins; a processbench.json beside the PRM gives --eval's
+    at = run_script("train_prm.py", f"--processbench={files[0]}", f"--prm={smoke_prms['fused']}", "--threshold=0.25")
+    assert "below 0.250 (--threshold)" in at.stdout and "average F1 over 1 file " in at.stdout
+    prm_dir = tmp_path / "prm"
+    prm_dir.mkdir()
+    (prm_dir / "ckpt.pt").write_bytes(smoke_prms["fused"].read_bytes())
+    (prm_dir / "processbench.json").write_text(json.dumps({"rows": {"ReasonFlux-PRM": {"threshold": 0.125}}}))
+    stored = run_script("train_prm.py", f"--processbench={files[0]}", f"--prm={prm_dir / 'ckpt.pt'}")
+    assert f"below 0.125 (chosen by --eval, {prm_dir / 'processbench.json'})" in stored.stdout
+    # a bad file: one line naming it, exit code 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "generator": "g", "problem": "1 + 2", "steps": ["a"],
+                                "final_answer_correct": True, "label": 1}]))
+    proc = run_script("train_prm.py", f"--processbench={files[0]},{bad}", f"--prm={smoke_prms['fused']}", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}: problem 0: label 1 is not -1 or the index of one of its 1 steps"
 
 
 def test_evaluate_scorer_on_hand_made_scores():

@@ -89,6 +89,29 @@ def test_reasonflux_keeps_only_records_it_accepts_drawn_at_random():
     assert select_data.select("rf_step", pool, few, k, seed=1)[3:] == list(range(99, 92, -1))
 
 
+def test_aggregation_rows_are_top_k_by_their_column_from_one_scoring(smoke_data, smoke_prms):
+    """score_pool gives every aggregation of rfprm.aggregate as a column, each record forwarded once."""
+    from rfprm import load_prm, aggregate
+    prm = load_prm(str(smoke_prms["fused"]), device="cpu")
+    pool = read_jsonl(str(smoke_data / "pool.jsonl"))[:20]
+    rows = []
+    hook = prm.register_forward_hook(lambda module, args, out: rows.append(args[0].size(0)))
+    try:
+        cols = select_data.score_pool(prm, pool, 8, "ReasonFlux-PRM")
+    finally:
+        hook.remove()
+    assert sum(rows) == len(pool), "one forward per record for every column"
+    assert all(len(c) == len(select_data.POOL_COLUMNS) for c in cols)
+    scores = {name: [c[j] for c in cols] for j, name in enumerate(select_data.POOL_COLUMNS)}
+    own = prm.score(pool)
+    assert scores["rf_min_traj"] == pytest.approx([aggregate(s, "min", prm.alpha) for s in own], abs=1e-5)
+    assert scores["rf_prod"] == pytest.approx([aggregate(s, "prod") for s in own], abs=1e-5)
+    for key in select_data.AGGREGATED:
+        assert key in select_data.SELECTORS and len(select_data.SELECTORS[key]) <= 30, key
+        assert select_data.select(key, pool, scores, 5, seed=1) == select_data.top_k(scores[key], 5), key
+    assert "rf_mean" not in select_data.SelectConfig().selectors.split(","), "opt-in: each row trains students"
+
+
 def test_identical_token_budgets_across_selectors(smoke_data, smoke_base):
     """Sets of short and of long records: equal steps would give unequal tokens; the plan equalises them."""
     tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))

@@ -112,6 +112,21 @@ def test_picked_answers_are_those_of_the_best_scored_samples():
     assert tts.answer_sizes([None, 2]) == "median |answer| 2, 0 in 0%"
 
 
+def test_aggregated_rows_read_the_scores_already_computed():
+    """Two questions x two samples: each row is rfprm.aggregate of the same score dicts, in (Q, M)."""
+    scores = [{"step": [0.9, 0.5], "response": [0.1], "trajectory": 0.5},
+              {"step": [0.6], "response": [0.2], "trajectory": 0.25},
+              {"step": [], "response": [0.3], "trajectory": 1.0},
+              {"step": [0.2, 0.4, 0.8], "response": [], "trajectory": 0.0}]
+    rows = tts.aggregated_rows(scores, 2.0, (2, 2))
+    assert list(rows) == ["  mean", "  mean + α·traj", "  min", "  min + α·traj", "  product", "  product + α·traj",
+                          "  last step", "  last step + α·traj"]
+    want = {"  min": [0.5, 0.6, 0.0, 0.2], "  product + α·traj": [0.45 + 1.0, 0.6 + 0.5, 0.0 + 2.0, 0.064],
+            "  last step": [0.5, 0.6, 0.0, 0.8], "  mean + α·traj": [1.7, 1.1, 2.0, 1.4 / 3]}
+    for name, values in want.items():
+        assert rows[name].shape == (2, 2) and rows[name].flatten().tolist() == pytest.approx(values), name
+
+
 def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_path):
     out = tmp_path / "tts"
     proc = run_script("tts.py", "--smoke", f"--policy={smoke_policy}", f"--prm={smoke_prms['fused']}",
@@ -122,7 +137,9 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
     assert "answers picked from all 8 samples" in proc.stdout
     res = json.loads((out / "results.json").read_text())
     curves = res["curves"]
-    assert set(curves) == {"ReasonFlux-PRM", "response-only PRM", "outcome scorer", "confidence",
+    aggregations = [f"  {a}{t}" for a in ("mean", "min", "product", "last step") for t in ("", " + α·traj")]
+    assert list(curves)[:9] == ["ReasonFlux-PRM", *aggregations], "the aggregations right below their row"
+    assert set(curves) == {"ReasonFlux-PRM", *aggregations, "response-only PRM", "outcome scorer", "confidence",
                            "mean log-likelihood", "majority vote", "PRM-weighted vote", "random (pass@1)",
                            "oracle (pass@N)"}
     for name, rows in curves.items():

@@ -11,6 +11,9 @@ Files (same seed, same bytes):
     prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
     prm_eval_heldout.jsonl   the same, written in the held-out voice: phrasings no training file holds
     prm_eval_longer.jsonl    the same, in the training voice, one operation longer than any record
+    processbench_eval.json, processbench_eval_heldout.json, processbench_eval_longer.json
+                        the three sets above in ProcessBench's own format (train_prm.to_processbench):
+                        `python train_prm.py --processbench=...` scores any file in it
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
     rl_hard.jsonl       harder questions for GRPO, one operation more than any record: where the policy
                         rarely gets an answer right, so the rule reward is sparse (grpo.py, README)
@@ -35,6 +38,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
 from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
 from training import parse_config, check_options, require, check_writable, run_main  # noqa: E402
+from train_prm import to_processbench  # noqa: E402
 
 
 @dataclass
@@ -170,6 +174,9 @@ def prepare(cfg, wcfg=None):
     write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
     write_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
     write_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
+    for name, rows in (("eval", prm_eval), ("eval_heldout", heldout), ("eval_longer", longer)):
+        write_atomic(os.path.join(cfg.out_dir, f"processbench_{name}.json"),
+                     json.dumps(to_processbench(rows, name), indent=1) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
     write_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
     return {"train": train, "pool": pool, "test": test}
