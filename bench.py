@@ -37,7 +37,8 @@ from types import SimpleNamespace
 import torch
 
 from model import GPT, GPTConfig
-from training import make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable, run_main
+from training import (make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable,
+                      run_main, write_text_atomic)
 from rfprm import PRM, score_batch_size
 
 
@@ -270,15 +271,6 @@ def bench_shape(label, gcfg, batch, cfg, device, emit):
     return mfu
 
 
-def write_jsonl_atomic(path, rows):
-    """One JSON object per line, written to a temp file first, then renamed over `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    os.replace(tmp, path)
-
-
 def print_table(rows):
     """Per shape: throughputs, MFUs and the generation speed-ups of the KV cache."""
     by_shape = {}
@@ -330,7 +322,7 @@ def main(argv=None):
     for shape in mfu:
         for metric, (tok_s, fpt, ctx) in shape.items():
             emit(metric, tok_s * fpt / (peak * 1e9), "fraction", flops_per_token=fpt, **ctx)
-    write_jsonl_atomic(os.path.join(cfg.out_dir, "bench.jsonl"), rows)
+    write_text_atomic(os.path.join(cfg.out_dir, "bench.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     print_table(rows)
     return rows
 

@@ -136,15 +136,19 @@ def run_main(main):
         sys.exit(2)
 
 
-def write_json_atomic(path, obj):
-    """Write JSON next to the outputs atomically (temp file, then rename)."""
+def write_text_atomic(path, text):
+    """Write a text file atomically (temp file, then rename): a kill leaves the old file or the new one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
     remove_stale_temporaries(path)
+
+
+def write_json_atomic(path, obj):
+    """Write JSON next to the outputs atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def remove_stale_temporaries(path):
@@ -571,10 +575,7 @@ def keep_metrics_before(path, step):
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] < step:
                 kept.append(line.rstrip("\n") + "\n")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def pack(examples, block_size, pad_id):

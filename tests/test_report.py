@@ -85,7 +85,7 @@ def test_report_has_each_present_stage_and_lists_missing_ones(tmp_path):
     with open(os.path.join(root, "logs", "times.txt"), "w") as f:
         f.write("prepare 12\nbase 300\npolicy 250\nprm 400\ngrpo 900\ntts 60\n")
 
-    assert report.main([f"--out={root}"]) == os.path.join(root, "results.md")
+    assert report.main([f"--out_dir={root}"]) == os.path.join(root, "results.md")
     md = open(os.path.join(root, "results.md")).read()
     # each present stage: its table, as the stage's own format function prints it from the same file
     load = lambda rel: json.load(open(os.path.join(root, rel)))
@@ -111,7 +111,7 @@ def test_report_of_a_lone_stage_and_a_single_grpo_run(tmp_path):
     write(root, "select/results.json", sel)
     single = grpo_results()["runs"][0]   # grpo.py without --variants/--seeds: one run's results
     write(root, "grpo/results.json", single)
-    report.main([f"--out={root}"])
+    report.main([f"--out_dir={root}"])
     md = open(os.path.join(root, "results.md")).read()
     sel = json.load(open(os.path.join(root, "select", "results.json")))
     table = select_data.format_tables(sel["summary"], select_data.SelectConfig(**sel["config"]), sel["pool_size"],
@@ -122,3 +122,37 @@ def test_report_of_a_lone_stage_and_a_single_grpo_run(tmp_path):
     for name in ("prepare", "base", "policy", "prm", "tts"):
         assert f"| {name} | missing |  |" in md, name
     assert "| select | done |  |" in md and "| grpo | done |  |" in md
+
+
+def test_a_damaged_results_file_is_one_line_of_the_report(tmp_path):
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "tts"))
+    with open(os.path.join(root, "tts", "results.json"), "w") as f:
+        f.write('{"curves": {')   # cut by a kill
+    report.main([f"--out_dir={root}"])
+    md = open(os.path.join(root, "results.md")).read()
+    assert f"({os.path.join(root, 'tts', 'results.json')}: damaged (JSONDecodeError" in md
+    assert not [f for f in os.listdir(root) if ".tmp" in f]
+
+
+def test_trends_over_pipeline_seeds(tmp_path):
+    """--seeds reads seed 1337 in out/ and seed n in out/seed<n>/out, one row per headline figure."""
+    root = str(tmp_path)
+    for seed, acc in ((1337, 0.5), (1338, 0.7)):
+        at = report.seed_root(root, seed)
+        write(at, "policy/eval.json", sft_eval(acc))
+        pb = prm_results()
+        pb["rows"]["response-only PRM (MC)"] = dict(pb["rows"]["ReasonFlux-PRM"], computation_auroc=0.5)
+        write(at, "prm/processbench.json", pb)
+        write(at, "grpo/results.json", grpo_results())
+        bon = tts_results()
+        bon["paired"] = {tts.LIKELIHOOD: {"8": [0.02, 0.01]}, "majority vote": {"8": [0.05, 0.01]}}
+        write(at, "tts/results.json", bon)
+    report.main([f"--out_dir={root}", "--seeds=1337,1338"])
+    md = open(os.path.join(root, "trends.md")).read()
+    assert "| policy greedy accuracy (%) | 50.0 | 70.0 | 60.0 ± 14.1 |" in md
+    # rule 57.5 from a start of 50; mix 67.5: rule + PRM − rule = +10 points on both seeds
+    assert "| T2 rule − start | 7.5 | 7.5 | 7.5 ± 0.0 |" in md
+    assert "| T2 (rule + PRM) − rule [mix β=0.25] | 10.0 | 10.0 | 10.0 ± 0.0 |" in md
+    assert "| T3 N=8: PRM − likelihood | +2.0 (se 1.0) | +2.0 (se 1.0) |" in md
+    assert "| T0 records' voice: least lead over baselines | 0.000 | 0.000 |" in md   # only comp. differs

@@ -37,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
 from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
-from training import parse_config, check_options, require, check_writable, run_main  # noqa: E402
+from training import parse_config, check_options, require, check_writable, run_main, write_text_atomic  # noqa: E402
 from train_prm import to_processbench  # noqa: E402
 
 
@@ -104,16 +104,6 @@ def merge_pair(word, a, b):
     return tuple(out)
 
 
-# ----------------------------------------------------------------------------
-# writing files atomically
-
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -166,19 +156,19 @@ def prepare(cfg, wcfg=None):
     ranks = train_bpe(corpus, cfg.vocab_size)
     rank_file = "".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda kv: kv[1]))
 
-    write_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
-    write_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
-    write_atomic(os.path.join(cfg.out_dir, "rl_hard.jsonl"), jsonl(rl_hard))
-    write_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
-    write_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
-    write_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
-    write_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
-    write_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
+    write_text_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
+    write_text_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
+    write_text_atomic(os.path.join(cfg.out_dir, "rl_hard.jsonl"), jsonl(rl_hard))
+    write_text_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
+    write_text_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
+    write_text_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
+    write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
+    write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
     for name, rows in (("eval", prm_eval), ("eval_heldout", heldout), ("eval_longer", longer)):
-        write_atomic(os.path.join(cfg.out_dir, f"processbench_{name}.json"),
+        write_text_atomic(os.path.join(cfg.out_dir, f"processbench_{name}.json"),
                      json.dumps(to_processbench(rows, name), indent=1) + "\n")
-    write_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
-    write_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
+    write_text_atomic(os.path.join(cfg.out_dir, "facts.txt"), "\n".join(facts) + "\n")
+    write_text_atomic(os.path.join(cfg.out_dir, "tokenizer.tiktoken"), rank_file)
     return {"train": train, "pool": pool, "test": test}
 
 
