@@ -70,7 +70,7 @@ import task
 import training
 from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_and_verify, format_eta,
                    accuracy, token_logprobs, thinking_step_ends, token_tables)
-from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
+from training import (mean_std, load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
                       check_writable, run_main, BadInput, map_in_processes)
 from rfprm import load_prm, prm_total, total_range
@@ -91,7 +91,7 @@ class GRPOConfig:
     process: bool = False                # process supervision from the PRM's step scores
     expert_steps: bool = False           # the expert's step labels instead of the PRM's (an upper bound)
     # GRPO
-    max_steps: int = 30                  # the CPU course's time: most of the rise comes early (--max_steps=100: longer)
+    max_steps: int = 30                  # the CPU course's time (--max_steps=100: longer)
     questions_per_step: int = 8          # Q
     group_size: int = 8                  # G completions per question
     mu: int = 1                          # optimisation passes per rollout batch
@@ -142,12 +142,12 @@ CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
 # advantages and the loss
 
 
-def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
-    """Â_i = (r_i − mean(r_group)) / (std(r_group) + ε), groups contiguous (DeepSeekMath eq. 3's Â).
+def group_advantages(rewards, group_size, scale_std=False, eps=1e-4):
+    """Â_i = r_i − mean(r_group) (Dr. GRPO, grpo.py's default: ours, the module docstring says why);
+    scale_std=True: GRPO's (r_i − mean(r_group)) / (std(r_group) + ε) (DeepSeekMath eq. 3's Â).
 
-    rewards (N,) with N = n_groups * group_size -> (N,). std is the unbiased one (as TRL);
-    scale_std=False is Dr. GRPO (no division), grpo.py's default (ours: the module docstring says
-    why). A group whose rewards are all equal gets 0.
+    rewards (N,) with N = n_groups * group_size, groups contiguous -> (N,). std is the unbiased
+    one (as TRL). A group whose rewards are all equal gets 0.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
     [0.7070068..., -0.7070068..., 0.0, 0.0]
@@ -160,11 +160,11 @@ def group_advantages(rewards, group_size, scale_std=True, eps=1e-4):
     return a.masked_fill(same, 0.0).view(-1)
 
 
-def process_advantages(step_rewards, step_pos, step_mask, group_size, T, scale_std=True, eps=1e-4):
+def process_advantages(step_rewards, step_pos, step_mask, group_size, T, scale_std=False, eps=1e-4):
     """Process supervision (DeepSeekMath §4.1.3): Â_t = Σ_{j: pos_j ≥ t} r̃_j, r̃ = step rewards normalised over the group.
 
     step_rewards, step_pos (B, S): the reward of step j and the token position that ends it;
-    step_mask (B, S) True at real steps. r̃_j = (r_j − mean(R)) / (std(R) + ε), R = every step
+    step_mask (B, S) True at real steps. r̃_j = r_j − mean(R) (Dr. GRPO; scale_std: / (std(R) + ε)), R = every step
     reward of the G completions of the question. Returns (B, T): the reward-to-go of each token.
     """
     B, S = step_rewards.shape
@@ -497,10 +497,8 @@ def parse_variant(spec, cfg):
 
 
 def summarise(results):
-    """{variant: {"final": (mean, std), "start", "n", "reward", "kl", "seconds"}} over seeds."""
-    def mean_std(xs):
-        m = sum(xs) / len(xs)
-        return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    """{variant: {"final": (mean, std), "start", "n", "seconds", "finals"}} over seeds: the held-out
+    accuracy at the end, mean ± std and per seed, the start's, the number of seeds, seconds per run."""
     table = {}
     for res in results:
         table.setdefault(res["variant"], []).append(res)

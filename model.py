@@ -4,8 +4,8 @@ model: the small GPT, its KV-cache generation, and the tokenizer (what nanoGPT k
 * `GPT`: a decoder-only transformer (pre-norm blocks, fused qkv projection, rotary
   position embeddings, attention through F.scaled_dot_product_attention, tied embeddings,
   GPT-2 init) with batched KV-cache generation. Rotary rather than learned absolute
-  positions: with learned positions the default model sat on a plateau, attending diffusely
-  and never finding "the operands 2-4 tokens back"; rotary makes relative offsets native.
+  positions: an operation's operands sit a few tokens back wherever the line starts, and
+  rotary embeddings make such relative offsets native.
 * Tokenizer: tiktoken with a byte-level BPE vocabulary trained by data/arith/prepare.py
   (digits one per token) and three special tokens.
 * Text layout of one record, as the policy reads and writes it:
@@ -79,7 +79,8 @@ def attend_one_query(q, k, v, attn_mask=None):
     """softmax(q k^T / sqrt(hs)) v for a single query per row: q (B, nh, 1, hs), k, v (B, nh, T, hs).
 
     The same numbers as F.scaled_dot_product_attention; on the CPU, for one query, two small
-    batched matmuls beat the fused kernel (whose tiling is built for many queries) by ~20%.
+    batched matmuls are faster than the fused kernel, whose tiling is built for many queries
+    (bench.py measures both).
     """
     att = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5)  # (B, nh, 1, T)
     if attn_mask is not None:

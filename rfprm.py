@@ -7,10 +7,12 @@ final response a_1..a_J:
     r_align(t) = max_j cos(Φ(s_t), Φ(a_j))                                alignment_reward
     r_qual(t)  = judge(x, s_<t, s_t, a)                                     task.judge (the expert)
     r_coh(t)   = log softmax over {s_t} ∪ negatives of cos(Φ(s_{t-1}), Φ(·)) / τ   coherence_reward
-    r_step(t)  = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k             fuse_rewards
+    r_fused(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k             fuse_rewards
+    r_step(t)  = 1[r_qual ≥ ½] · (¾ + ¼ · clamp(r_fused(t), 0, 1))          gated_fusion (ours, below)
     r_final    = (1/N) Σ_j verify(y_j),  y_j ~ π(· | x, template(s))       trajectory_reward
     R_φ(t)     = σ(w·h_t + b), h_t the backbone's state where step t ends  PRM (readout="plain")
     L          = λ_step mean_t (R_φ(t) − r_step(t))² + λ_final (R_φ(x, s, a) − r_final)²   prm_loss
+                 (the paper's target is r_fused: --fusion=paper)
     total      = mean_t R_φ(t) + α · R_φ(x, s, a)                            prm_total
 
 Four defaults depart from the paper so that its idea works at this scale; each is named in the
@@ -22,6 +24,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
  4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
 
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
+    python rfprm.py design data/arith/train.jsonl --n=2      # the reward design of a record, step by step
 """
 
 import math
@@ -132,11 +135,11 @@ def coherence_reward(prev_vecs, step_vecs, neg_vecs, tau=0.1, rescaled=False):
 
 
 def fuse_rewards(*rewards):
-    """r_step(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k  (the paper's fusion).
+    """r_fused(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k  (the paper's fusion; its r_step).
 
     Each step weighs its own rewards by their softmax: a reward that is high counts more.
     Called with the three components (or any subset, e.g. to drop coherence).
-    Returns (r_step (S,), weights (S, K)); the weights sum to 1 per step.
+    Returns (r_fused (S,), weights (S, K)); the weights sum to 1 per step.
     """
     R = torch.stack(rewards, dim=-1)                                  # (S, K)
     w = F.softmax(R, dim=-1)
@@ -654,15 +657,50 @@ def show_scores(record, s, tty, with_response=True):
     print(f"  trajectory {s['trajectory']:.2f}, total {s['total']:.2f}" + (f"   (flaw: {flaw})" if flaw else "") + "\n")
 
 
+# python rfprm.py design FILE.jsonl: the reward design of a record, step by step
+
+def show_design(record, d, k):
+    """Record k of a design_rewards result: each step's three rewards, the paper's fusion r_fused
+    and ours r_step (the PRM's step target), then r_final, p_0 and the trajectory target."""
+    align, qual, coh = (torch.tensor(d[key][k]) for key in ("align", "quality", "coherence_logprob"))
+    fused, _ = fuse_rewards(align, qual, coh)
+    step = gated_fusion(fused, qual)
+    print(f"Q: {record['question']}   (answer {record['answer']})")
+    print(f"  {'r_align':>7} {'r_qual':>6} {'r_coh':>6} {'r_fused':>7} {'r_step':>6}")
+    for t, line in enumerate(record["thinking"]):
+        print(f"  {align[t]:7.2f} {qual[t]:6.2f} {coh[t]:6.2f} {fused[t]:7.2f} {step[t]:6.2f}  {line}")
+    final, p0 = d["final"][k], d["p0"][k]
+    print(f"  r_final {final:.2f} (template-guided), p_0 {p0:.2f} (no template): "
+          f"trajectory target {relative_final([final], [p0])[0]:.2f}\n")
+
+
+def design(file, n, policy_path, context=50, device="cpu"):
+    """The reward design of the first n records of `file`, computed over its first `context`
+    records (Φ's word weights and the coherence negatives come from the other records)."""
+    records = read_jsonl(file, ("question", "answer", "thinking", "response"))
+    require(len(records) >= 2, f"{file}: the design needs at least 2 records (coherence negatives), got {len(records)}")
+    ckpt = load_checkpoint(policy_path, kind="policy")
+    tok = Tok(load_tokenizer(ckpt["config"]["tokenizer"]))
+    policy = model_from_checkpoint(ckpt, device).eval()
+    records = records[:max(n, context)]
+    d = design_rewards(records, tok, policy, n_rollouts=4)
+    for k in range(min(n, len(records))):
+        show_design(records[k], d, k)
+
+
 def main(argv=None):
-    parser = argument_parser(description="Print each record of a jsonl file with a PRM's per-step scores.")
-    parser.add_argument("command", choices=["score"])
+    parser = argument_parser(description="Print records of a jsonl file with a PRM's per-step scores (score), "
+                                         "or with their reward design, step by step (design).")
+    parser.add_argument("command", choices=["score", "design"])
     parser.add_argument("file", help="pool-format jsonl: question, thinking, response per line")
-    parser.add_argument("--prm", default="out/prm/ckpt.pt", help="a checkpoint from train_prm.py")
+    parser.add_argument("--prm", default="out/prm/ckpt.pt", help="score: a checkpoint from train_prm.py")
+    parser.add_argument("--policy", default="out/policy/ckpt.pt", help="design: the policy that rolls out r_final")
     parser.add_argument("--n", type=int, default=10, help="how many records to show (0 = all)")
     parser.add_argument("--device", default="")
     args = parser.parse_args(argv)
     require(args.n >= 0, f"--n must be at least 0 (0 = all), got {args.n}")
+    if args.command == "design":
+        return design(args.file, args.n or 10, args.policy, device=pick_device(args.device))
     records = read_jsonl(args.file, ("question", "thinking", "response"))
     records = records[:args.n] if args.n else records
     prm = load_prm(args.prm, pick_device(args.device))

@@ -7,8 +7,8 @@ Offline data selection: score the distilled pool with the PRMs, keep K records, 
     python select_data.py --selectors=rf_top_k,rf_mean,rf_mean_traj,rf_min,rf_min_traj,rf_prod,rf_prod_traj,rf_last,rf_last_traj
 
 Reproduces the paper's first use of the PRM (its offline data selection table): every record
-of the selection pool is scored, the K best are kept, a student is fine-tuned on them, and
-its accuracy on held-out questions says how good the selection was. Selectors:
+of the selection pool is scored, each selector keeps K records, a student is fine-tuned on them,
+and its accuracy on held-out questions says how good the selection was. Selectors:
 
   random              K records drawn at random
   outcome filter      records whose final answer is right (the answer key), then K at random
@@ -72,7 +72,7 @@ import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, format_accuracy
 from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
                       print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options,
-                      check_writable, run_main, load_cache, BadInput, map_in_processes)
+                      check_writable, run_main, load_cache, BadInput, map_in_processes, mean_std)
 from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS
 
 
@@ -353,11 +353,6 @@ def composition(indices, hidden_meta, records):
     return out
 
 
-def mean_std(xs):
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def summarise(rows):
     """Per selector: accuracy mean ± std over seeds, by n_ops, tokens, mean composition."""
     out = {}
@@ -393,8 +388,7 @@ def format_tables(summary, cfg, n_pool, pool_comp, start):
     lines.append("\ncomposition of the selected sets (% of records; flaw types read from the hidden meta, "
                  "for this table only; |answer|: median)")
     cols = list(pool_comp)
-    short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
-    lines.append(f"{'selector':<30}" + "".join(f"{short.get(c, c):>10}" for c in cols))
+    lines.append(f"{'selector':<30}" + "".join(f"{task.SHORT_FLAW.get(c, c):>10}" for c in cols))
     for name, comp in [("pool", pool_comp)] + [(s["name"], s["composition"]) for s in summary.values()]:
         lines.append(f"{name:<30}" + "".join(f"{comp[c]:>10.1f}" if c == "|answer|" else f"{100 * comp[c]:>10.1f}"
                                              for c in cols))

@@ -57,8 +57,8 @@ class SFTConfig:
     dropout: float = 0.0
     # optimisation
     max_steps: int = 6000          # the policy learns the order of operations late: 4000 steps are too few
-    batch_size: int = 8            # global batch, split over DDP ranks; small batches, many steps:
-                                   # at equal tokens batch 8 reached 27% where batch 32 reached 15%
+    batch_size: int = 8            # global batch, split over DDP ranks; small batches, many steps: at equal
+                                   # tokens, more updates teach this small model the order of operations sooner
     lr: float = 2e-3
     min_lr: float = 2e-4
     warmup_steps: int = 100

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 FLAWS = ("clean", "slip", "self_correct", "wrong_strategy", "rambling",
          "misaligned", "truncated", "lucky")
 GOOD_FLAWS = ("clean", "self_correct")  # a self-corrected slip is a *good* trajectory
+SHORT_FLAW = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}  # table headers
 
 
 @dataclass

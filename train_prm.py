@@ -765,9 +765,8 @@ def format_per_flaw(rows):
     """Mean total score per flaw type, one row per scorer; good types first."""
     flaws = [f for f in task.FLAWS if any(f in r["per_flaw"] for r in rows.values())]
     order = [f for f in flaws if f in task.GOOD_FLAWS] + [f for f in flaws if f not in task.GOOD_FLAWS]
-    short = {"self_correct": "self-corr", "wrong_strategy": "wrong-str", "misaligned": "misalign"}
     lines = ["\nmean total score per flaw type (good: clean, self-corr; every other type is flawed)",
-             f"{'scorer':<27}" + "".join(f"{short.get(f, f):>10}" for f in order) + "  good > flawed"]
+             f"{'scorer':<27}" + "".join(f"{task.SHORT_FLAW.get(f, f):>10}" for f in order) + "  good > flawed"]
     for name, r in rows.items():
         pf = r["per_flaw"]
         ok = min(pf[f] for f in order if f in task.GOOD_FLAWS) > max(pf[f] for f in order if f not in task.GOOD_FLAWS)

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, fields
@@ -134,6 +135,11 @@ def run_main(main):
     except (BadInput, OSError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+
+
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for a single value) of a list of numbers."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
 def write_text_atomic(path, text):
@@ -474,7 +480,7 @@ def batch_indices(step, order, batch_size, seed, rank=0, world=1):
     """The global batch of step `step` (same on every rank and after a resume); this rank's share.
 
     A batch is a random window of `order` (examples sorted by length), so its rows have
-    similar lengths and little padding: ~1.4x fewer tokens than random rows on the pool.
+    similar lengths and little padding.
     """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     start = torch.randint(len(order), (1,), generator=g)

@@ -16,11 +16,11 @@ def test_group_advantages_hand_computed():
     r = torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.])
     # group 1: mean 1/4, unbiased std sqrt((9/16 + 3/16) / 3) = 1/2; group 2: mean 1/2, std sqrt(1/3)
     want = [1.5, -0.5, -0.5, -0.5] + [0.5 / math.sqrt(1 / 3)] * 2 + [-0.5 / math.sqrt(1 / 3)] * 2
-    assert grpo.group_advantages(r, 4).tolist() == pytest.approx(want, rel=1e-3)
+    assert grpo.group_advantages(r, 4, scale_std=True).tolist() == pytest.approx(want, rel=1e-3)
     # Dr. GRPO: no division by the std
     assert grpo.group_advantages(r, 4, scale_std=False).tolist() == pytest.approx([.75, -.25, -.25, -.25, .5, .5, -.5, -.5])
     # groups are contiguous: the same rewards grouped by 2 give other advantages
-    assert grpo.group_advantages(r, 2).tolist()[2:4] == [0.0, 0.0]
+    assert grpo.group_advantages(r, 2, scale_std=True).tolist()[2:4] == [0.0, 0.0]
 
 
 def test_equal_rewards_give_zero_advantage_and_no_nan():
@@ -30,7 +30,7 @@ def test_equal_rewards_give_zero_advantage_and_no_nan():
         assert torch.isfinite(a).all() and (a == 0).all()
     # process supervision: equal step rewards in a group -> zero reward-to-go everywhere
     steps = torch.full((4, 3), 0.6)
-    a = grpo.process_advantages(steps, torch.tensor([[1, 3, 5]] * 4), torch.ones(4, 3, dtype=torch.bool), 2, 6)
+    a = grpo.process_advantages(steps, torch.tensor([[1, 3, 5]] * 4), torch.ones(4, 3, dtype=torch.bool), 2, 6, True)
     assert torch.isfinite(a).all() and (a == 0).all()
     # and the loss of a batch with zero advantages and no KL is finite and exactly 0
     logp = torch.log(torch.rand(3, 5) * 0.9 + 0.05)
@@ -144,7 +144,7 @@ def test_process_advantages_hand_computed_reward_to_go():
     r = torch.tensor([[1.0, 0.2, 0.6], [0.0, 0.7, 9.9], [0.3, 0.3, 0.0], [0.3, 0.0, 0.0]])
     pos = torch.tensor([[1, 3, 5], [2, 4, 0], [0, 5, 0], [2, 0, 0]])
     m = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    a = grpo.process_advantages(r, pos, m, group_size=2, T=6)
+    a = grpo.process_advantages(r, pos, m, group_size=2, T=6, scale_std=True)
     want = [[0.75, 0.75, -0.5, -0.5, 0.25, 0.25],
             [-0.75, -0.75, -0.75, 0.5, 0.5, 0.0],
             [0.0] * 6, [0.0] * 6]
@@ -191,7 +191,7 @@ def test_grpo_improves_reward_on_a_toy_task():
         out = model.generate(idx, L, temperature=1.0, generator=gen)     # (GQ, 1 + L)
         reward = (out[:, 1:] == 5).float().mean(1)                       # the fraction of 5s
         X, Y = out[:, :-1], out[:, 1:].clone()
-        grpo.optimise(model, ref, opt, X, Y, grpo.group_advantages(reward, G), cfg)
+        grpo.optimise(model, ref, opt, X, Y, grpo.group_advantages(reward, G, scale_std=True), cfg)
         curve.append(float(reward.mean()))
     assert curve[0] < 0.3 and sum(curve[-5:]) / 5 > 0.8, curve  # from chance (1/8) to mostly 5s
 
