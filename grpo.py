@@ -72,7 +72,7 @@ from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion
                    accuracy, token_logprobs, thinking_step_ends, token_tables)
 from training import (mean_std, load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
-                      check_writable, run_main, BadInput, map_in_processes)
+                      check_writable, run_main, BadInput, map_in_processes, lock_out_dir, check_resume)
 from rfprm import load_prm, prm_total, total_range
 
 
@@ -136,6 +136,11 @@ PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given e
 AT_LEAST = dict(workers=1, max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
                 seeds=1, eval_every=0, eval_questions=0, final_questions=0, log_every=1, sample_every=0, ckpt_every=1)
 CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
+# what a resume may change (training.check_resume): where and how often it writes and evaluates,
+# when it stops; every other option changes what is trained
+RESUME_FREE = {"out_dir", "resume", "max_steps", "test", "variants", "seeds", "workers", "eval_every",
+               "eval_questions", "final_questions", "log_every", "sample_every", "ckpt_every", "device",
+               "preset", "smoke"}
 
 
 # ----------------------------------------------------------------------------
@@ -444,6 +449,8 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
         adv = advantages_for(Y, rew, tok, tables, cfg)
         stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
+        if not (torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])):
+            raise training.non_finite(step)   # before the step is logged or saved
 
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             row = log_row(step + 1, rew, comps, stats, cfg.group_size, lr)
@@ -563,6 +570,18 @@ def save_figure(histories, path):
     return training.save_png(fig, path, dpi=110)
 
 
+def run_configs(cfg, runs):
+    """The config of each run of a comparison, seed by seed (the variants of a seed are paired, and
+    finish together), each in out_dir/<variant>/seed<k>/."""
+    configs = []
+    for k in range(cfg.seeds):
+        for run in runs:
+            name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_").replace(" ", "_")
+            configs.append(replace(run, seed=cfg.seed + k, variants="", seeds=1,
+                                   out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}")))
+    return configs
+
+
 def one_run(cfg, tok, questions, test, start_eval):
     """One run of a comparison, a job of training.map_in_processes (its PRM is loaded here).
     Returns (results, the rows of its metrics.jsonl)."""
@@ -577,7 +596,6 @@ def one_run(cfg, tok, questions, test, start_eval):
 def main(argv=None):
     cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
     check_options(cfg, AT_LEAST, CHOICES)
-    require(cfg.temperature > 0, f"--temperature must be > 0 (GRPO samples), got {cfg.temperature}")
     check_writable(cfg.out_dir)
     print_config(cfg)
     device = pick_device(cfg.device)
@@ -588,12 +606,19 @@ def main(argv=None):
     runs = [parse_variant(s, cfg) for s in specs] if specs else [cfg]
     require(not any(r.process and r.reward == "rule" for r in runs),
             "--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
+    for run in runs:
+        check_options(run, {})   # the β of a variant too: mix@2 is no mix
+    jobs = run_configs(cfg, runs) if specs or cfg.seeds > 1 else [cfg]
+    for run in jobs:   # a resume that would train something else fails now
+        ckpt_path = os.path.join(run.out_dir, "ckpt.pt")
+        if run.resume and os.path.exists(ckpt_path):
+            check_resume(load_checkpoint(ckpt_path, kind="policy", enc=tok.enc), ckpt_path, run, RESUME_FREE)
     load_checkpoint(cfg.init, kind="policy", enc=tok.enc)  # a bad starting policy fails before out_dir is made
     if any(r.reward in ("prm", "mix") for r in runs):
         if not os.path.exists(cfg.prm):
             raise FileNotFoundError(f"no PRM at {cfg.prm!r}: train it with train_prm.py, or use --reward=rule")
         load_prm(cfg.prm, device)   # a file that is not a PRM fails now
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock_out_dir(cfg.out_dir)
     if not specs and cfg.seeds == 1:   # one run, straight into out_dir
         return one_run(cfg, tok, questions, test, None)[0]
 
@@ -601,14 +626,8 @@ def main(argv=None):
     start_eval = accuracy(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
                           tok, test[:cfg.final_questions])
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
-    jobs = []
-    for k in range(cfg.seeds):         # seed by seed: the variants of a seed are paired, and finish together
-        for run in runs:
-            name = variant_name(run).replace(" β=", "_b").replace(" α=", "_a").replace("+", "_").replace(" ", "_")
-            rcfg = replace(run, seed=cfg.seed + k, out_dir=os.path.join(cfg.out_dir, name, f"seed{cfg.seed + k}"),
-                           variants="", seeds=1)
-            jobs.append((rcfg, tok, questions, test, start_eval))
     results, histories = [], {}
+    jobs = [(rcfg, tok, questions, test, start_eval) for rcfg in jobs]
     for res, history in map_in_processes(one_run, jobs, cfg.workers):
         results.append(res)
         histories.setdefault(res["variant"], []).append(history)

@@ -359,6 +359,25 @@ class BadInput(ValueError):
     """
 
 
+MAX_INPUT_BYTES = 4 << 30   # the largest file an input may be: every input is read whole
+
+
+def check_input_file(path):
+    """Refuse, as BadInput, an existing path that is not a regular file of at most MAX_INPUT_BYTES.
+
+    A FIFO would hang the read and /dev/zero would fill the memory before anything could be
+    said; a folder is named as one. A missing file is left to the caller's own message.
+    """
+    if not os.path.exists(path):
+        return
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a folder, expected a file")
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: not a regular file (a pipe or a device?), expected a file")
+    if os.path.getsize(path) > MAX_INPUT_BYTES:
+        raise BadInput(f"{path}: {os.path.getsize(path):,} bytes, more than any input may be ({MAX_INPUT_BYTES:,})")
+
+
 def read_ranks(path):
     """Read a tiktoken rank file: one 'base64(token) rank' per line."""
     ranks = {}
@@ -373,24 +392,21 @@ def read_ranks(path):
     return ranks
 
 
-def load_tokenizer(name=DEFAULT_VOCAB):
-    """A tiktoken.Encoding with our special tokens.
+def load_tokenizer(path=DEFAULT_VOCAB):
+    """A tiktoken.Encoding with our special tokens, from a rank file written by data/arith/prepare.py.
 
-    `name` is the path of a rank file written by data/arith/prepare.py (the default), or
-    the name of a tiktoken encoding available offline (e.g. 'gpt2' if cached).
+    Only a file: a tiktoken name such as 'gpt2' would be downloaded, and a course run must not
+    depend on the network (nor wait on it when there is none).
     """
-    if name.endswith(".tiktoken") or os.sep in name:
-        if not os.path.exists(name):
-            raise FileNotFoundError(f"no vocabulary at {name}: run `python data/arith/prepare.py` first")
-        ranks, pat, label = read_ranks(name), SPLIT_PATTERN, "arith"
-    else:
-        try:
-            base = tiktoken.get_encoding(name)
-        except Exception as e:
-            raise ValueError(f"tiktoken encoding {name!r} is not available offline: {e}") from e
-        ranks, pat, label = base._mergeable_ranks, base._pat_str, name
+    if not (path.endswith(".tiktoken") or os.sep in path or os.path.exists(path)):
+        raise BadInput(f"--tokenizer={path}: expected the path of a .tiktoken rank file "
+                       f"(data/arith/prepare.py writes one), not a tiktoken name")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no vocabulary at {path}: run `python data/arith/prepare.py` first")
+    check_input_file(path)
+    ranks = read_ranks(path)
     specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
-    return tiktoken.Encoding(name=label, pat_str=pat, mergeable_ranks=ranks, special_tokens=specials)
+    return tiktoken.Encoding(name="arith", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
 
 
 def vocab_fingerprint(enc):

@@ -28,6 +28,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
 """
 
 import math
+import os
 import re
 import sys
 import time
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 import task
 from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt, generate_and_verify
 from training import (load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, argument_parser,
-                      require, run_main, record_names, BadInput)
+                      require, run_main, record_names, BadInput, WRONG_SHAPE, wrong_shape)
 
 # ----------------------------------------------------------------------------
 # Φ and the step-level rewards: alignment, quality (task.judge), coherence, fusion
@@ -481,6 +482,7 @@ class PRM(nn.Module):
         self.alpha = 1.0             # total = mean(step) + α · trajectory (the paper's headline α)
         self.mode = "full"           # "response_only": the baseline reads thinking steps as response steps
         self.with_response = True    # the total averages response steps too (prm_total)
+        self.path = "the PRM"        # its checkpoint, for the messages (set by load_prm)
 
     def forward(self, idx, token_of=None, lm_targets=None):
         h = self.gpt.hidden(idx)                                               # (B, T, C)
@@ -507,18 +509,18 @@ class PRM(nn.Module):
         """Score pool-format records: each thinking step, each response step, the trajectory, the total.
 
         Returns [{"step": [...], "response": [...], "trajectory": t, "total": prm_total}], in the
-        order given. Batched by length, no grad; inputs longer than the context are truncated
-        (counted in `self.truncated`), so scores are always finite.
+        order given. Batched by length, no grad. A record longer than the context is refused (a
+        step past the cut would have no score of its own): leave such records out first
+        (records_that_fit). So is a score that is not a finite number (broken weights).
         """
         self.eval()
         device = next(self.parameters()).device
         batch_size = batch_size or score_batch_size(device)
         encoded = [encode_for_prm(self.tok, r, self.mode, self.config.block_size) for r in records]
         cut = [k for k, e in enumerate(encoded) if e["truncated"]]
-        self.truncated = len(cut)
         if cut:
-            print(f"warning: {len(cut)} of {len(records)} records longer than "
-                  f"block_size={self.config.block_size}, truncated: {record_names(records, cut)}")
+            raise BadInput(f"{self.path}: {len(cut)} of {len(records)} records are longer than its context "
+                           f"(block_size={self.config.block_size}): {record_names(records, cut)}")
         order = sorted(range(len(encoded)), key=lambda k: len(encoded[k]["ids"]))  # similar lengths, less padding
         out = [None] * len(encoded)
         for i in range(0, len(order), batch_size):
@@ -529,7 +531,22 @@ class PRM(nn.Module):
                 rec = {"step": [s[j][p] for p in e["think"]], "response": [s[j][p] for p in e["response"]],
                        "trajectory": s[j][e["end"]]}
                 out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha, self.with_response)}
+        bad = [k for k, o in enumerate(out) if not all(map(math.isfinite, o["step"] + o["response"] + [o["total"]]))]
+        if bad:
+            raise BadInput(f"{self.path}: scores that are not finite numbers, for records {record_names(records, bad)}")
         return out
+
+
+def records_that_fit(records, tok, block_size, mode="full", what="records"):
+    """The records a PRM with a context of block_size tokens reads whole. The others are named in
+    one warning and left out: a step past the cut has no score, and another position's would be
+    a made-up one."""
+    long = [k for k, r in enumerate(records) if encode_for_prm(tok, r, mode, block_size)["truncated"]]
+    if long:
+        print(f"warning: {len(long)} of {len(records)} {what} are longer than the PRM's context "
+              f"(block_size={block_size}), left out unscored: {record_names(records, long)}")
+    long = set(long)
+    return [r for k, r in enumerate(records) if k not in long]
 
 
 def prm_total(score, alpha, with_response=True):
@@ -605,19 +622,35 @@ def prm_loss(scores, step_targets, final_targets, lam_step=1.0, lam_final=1.0):
 
 
 def load_prm(path, device=None):
-    """Load a trained PRM (from train_prm.py) ready to `score` records."""
+    """Load a trained PRM (from train_prm.py) ready to `score` records. Anything wrong with the
+    checkpoint (its kind, its tokenizer, weights that do not fit its shape) is a BadInput naming it."""
     device = device or pick_device()
     ckpt = load_checkpoint(path, kind="prm")
-    cfg = ckpt["config"]
-    tok = Tok(load_tokenizer(cfg["tokenizer"]))
+    cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    vocab = cfg.get("tokenizer")
+    if not isinstance(vocab, str) or not os.path.isfile(vocab):
+        raise BadInput(f"{path}: its tokenizer {vocab!r} is not a file any more; "
+                       f"run data/arith/prepare.py again, or retrain the PRM")
+    tok = Tok(load_tokenizer(vocab))
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
-        raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {cfg['tokenizer']} is now "
+        raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {vocab} is now "
                        f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
-    prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"), ckpt.get("checked", "computation"))
-    prm.load_state_dict(ckpt["model"])
+    try:
+        prm = PRM(GPTConfig(**ckpt["model_args"]), ckpt.get("readout", "plain"), ckpt.get("checked", "computation"))
+    except WRONG_SHAPE as e:
+        raise wrong_shape(ckpt, e) from e
+    load_prm_weights(prm, ckpt)
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
-    prm.with_response = cfg.get("response", False)
+    prm.with_response, prm.path = cfg.get("response", False), path
     return prm.to(device).eval()
+
+
+def load_prm_weights(prm, ckpt):
+    """Load a PRM checkpoint's weights into `prm`; weights of another shape are a BadInput naming the file."""
+    try:
+        prm.load_state_dict(ckpt["model"])
+    except WRONG_SHAPE as e:
+        raise wrong_shape(ckpt, e) from e
 
 
 def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu"):
@@ -630,7 +663,7 @@ def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu")
     ckpt = load_checkpoint(policy_path, kind="policy", enc=tok.enc)
     scorer = PRM(GPTConfig(**ckpt["model_args"]), readout=readout)
     scorer.gpt.load_state_dict(model_from_checkpoint(ckpt).state_dict())
-    scorer.tok, scorer.alpha = tok, 0.0
+    scorer.tok, scorer.alpha, scorer.path = tok, 0.0, policy_path
     return scorer.to(device).eval()
 
 
@@ -704,6 +737,7 @@ def main(argv=None):
     records = read_jsonl(args.file, ("question", "thinking", "response"))
     records = records[:args.n] if args.n else records
     prm = load_prm(args.prm, pick_device(args.device))
+    records = records_that_fit(records, prm.tok, prm.config.block_size, prm.mode)
     tty = sys.stdout.isatty()
     for record, s in zip(records, prm.score(records)):
         show_scores(record, s, tty, prm.with_response or prm.mode == "response_only")

@@ -71,9 +71,9 @@ import training
 import task
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, format_accuracy
 from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
-                      print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options,
+                      print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options, lock_out_dir,
                       check_writable, run_main, load_cache, BadInput, map_in_processes, mean_std)
-from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS
+from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS, records_that_fit
 
 
 @dataclass
@@ -453,8 +453,6 @@ def main(argv=None):
     t0 = time.time()
     pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
     need(len(pool), cfg.k)  # before any scoring or training
-    hidden_meta = [r["meta"] for r in pool]
-    records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
     needed = {"prm": (PRM_SELECTORS, "prm"), "prm_response": ({"response_prm"}, "prm"),
               "policy": ({"confidence"}, "policy")}
     for opt, (users, kind) in needed.items():  # fail now, not after minutes of work
@@ -462,14 +460,18 @@ def main(argv=None):
         if users & set(keys):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
-            load_checkpoint(path, kind=kind)  # a file of another kind fails now too
+            load_prm(path, "cpu") if kind == "prm" else load_checkpoint(path, kind=kind)  # and one that is no PRM
     device = pick_device(cfg.device)
     tok = Tok(load_tokenizer(cfg.tokenizer))
     start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
     check_never_trained_on(start_ckpt, cfg.init, cfg.data)
     block_size = start_ckpt["model_args"]["block_size"]
+    pool = records_that_fit(pool, tok, block_size, what="pool records")   # the PRM reads the policy's context
+    need(len(pool), cfg.k)
+    hidden_meta = [r["meta"] for r in pool]
+    records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
     questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions]
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock_out_dir(cfg.out_dir)
 
     scores = {}
     if PRM_SELECTORS & set(keys):

@@ -35,7 +35,8 @@ from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vo
 from training import (read_lines, file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
                       pick_device, parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
                       make_optimizer, train, pack, lm_batch_loss, target_lengths, check_options, require,
-                      check_writable, run_main, BadInput)
+                      check_writable, run_main, BadInput, lock_out_dir, check_resume, given_options,
+                      SHAPE_OPTIONS)
 from model import accuracy, format_accuracy
 
 
@@ -93,6 +94,11 @@ PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this 
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
                 eval_questions=0, log_every=1, ckpt_every=1, stop_at=0, snapshot_step=0)
 CHOICES = dict(subset=("all", "clean"))
+# what a resume may change (training.check_resume): where and how often it writes, when it stops,
+# what it evaluates; every other option changes what is trained
+RESUME_FREE = {"out_dir", "resume", "stop_at", "max_steps", "log_every", "ckpt_every", "snapshot_step",
+               "snapshot_dir", "test", "eval_questions", "sample_temperature", "device", "compile", "preset",
+               "smoke", "compare"}
 
 
 # ----------------------------------------------------------------------------
@@ -147,6 +153,19 @@ def new_model(cfg, tok, device):
     return GPT(gcfg).to(device)
 
 
+def keep_shape(cfg, parent, given):
+    """A model started from --init keeps the checkpoint's shape: a shape option given on the command
+    line that disagrees is refused; the others take the checkpoint's values, so that the saved
+    config says what was trained."""
+    for name in SHAPE_OPTIONS:
+        have = parent["model_args"].get(name)
+        if name in given and getattr(cfg, name) != have:
+            raise BadInput(f"--{name}={getattr(cfg, name)}: --init={cfg.init} has {name}={have}, and a model "
+                           f"started from it keeps its shape; drop --{name}")
+        if have is not None:
+            setattr(cfg, name, have)
+
+
 def train_policy(records, cfg, device="cpu", log=print):
     """Train a student on `records` under cfg's budget (same init, steps and batch for everyone).
 
@@ -198,7 +217,13 @@ def main(argv=None):
     data = cfg.facts if cfg.pretrain else cfg.data
     # what this model was trained on, run after run: select_data.py refuses a student start trained on its pool
     parent = load_checkpoint(cfg.init, kind="policy", enc=tok.enc) if cfg.init else {}
+    if parent:
+        keep_shape(cfg, parent, given_options(argv))
     origin = parent.get("origin", []) + [{"data": data, "sha256": file_digest(data), "subset": cfg.subset}]
+    resumed = None
+    if cfg.resume and os.path.exists(ckpt_path):   # checked now, before any work
+        resumed = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
+        check_resume(resumed, ckpt_path, cfg, RESUME_FREE)
     if cfg.pretrain:
         examples = fact_examples(cfg.facts, tok, cfg.block_size)
     else:
@@ -210,6 +235,8 @@ def main(argv=None):
     questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions] if evaluating else []
     model = new_model(cfg, tok, device)
     os.makedirs(cfg.out_dir, exist_ok=True)  # once every input has been read and checked
+    if rank == 0:
+        lock_out_dir(cfg.out_dir)
     X, Y = pack(examples, model.config.block_size, tok.eot)
     if rank == 0:
         print(f"{len(examples):,} examples, {int((Y != -1).sum()):,} target tokens, "
@@ -217,11 +244,10 @@ def main(argv=None):
 
     optimizer = make_optimizer(model, cfg, device)
     start_step = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
-        model.load_state_dict(model_from_checkpoint(ckpt, device).state_dict())
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
+    if resumed:
+        model.load_state_dict(model_from_checkpoint(resumed, device).state_dict())
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_step = resumed["step"]
         if rank == 0:
             print(f"resuming from {ckpt_path} at step {start_step}")
     elif rank == 0 and os.path.exists(metrics_path):

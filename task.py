@@ -461,6 +461,15 @@ def safe_parse(question):
         return None
 
 
+def is_question(text):
+    """Is `text` a whole expression of this world (integers, + - * and parentheses), one the expert can solve?
+
+    >>> is_question("3 + 4 * (5 - 2)"), is_question("3 + 4 / 2"), is_question("8 / (2 + (3")
+    (True, False, False)
+    """
+    return isinstance(text, str) and safe_parse(text) is not None
+
+
 def parse_answer(text):
     """The integer after the last 'Answer:' in text, or None.
 
@@ -563,6 +572,8 @@ def follow_template(plan):
     >>> follow_template(['5 - 2', '4 * #1', '3 + #2'])
     ['1. 5 - 2 = 3', '2. 4 * 3 = 12', '3. 3 + 12 = 15', 'Answer: 15']
     """
+    if plan is None:   # no plan, no lines: as template(None) gives no operations
+        return []
     values, lines = [], []
     for k, op_text in enumerate(plan):
         m = PLAN_OP_RE.fullmatch(str(op_text).strip())

@@ -63,9 +63,10 @@ from model import (GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt,
 from training import (load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
                       parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
                       check_options, require, check_writable, run_main, load_cache, skip_long_prompts,
-                      record_names, BadInput)
+                      record_names, BadInput, lock_out_dir, check_resume)
 from rfprm import (PRM, design_rewards, fuse_rewards, gated_fusion, relative_final, encode_for_prm, batch_of,
-                   prm_loss, untrained_scorer, prm_tokens, step_result_tokens, load_prm)
+                   prm_loss, untrained_scorer, prm_tokens, step_result_tokens, load_prm, load_prm_weights,
+                   records_that_fit)
 
 
 @dataclass
@@ -143,6 +144,11 @@ AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollo
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
                final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation"), encoder=("tfidf", "policy"),
                coherence=("logprob", "prob"))
+# what a resume may change (training.check_resume): where and how often it writes, when it stops,
+# what it evaluates; every other option changes the labels or the training
+RESUME_FREE = {"out_dir", "cache_dir", "resume", "max_steps", "log_every", "ckpt_every", "device", "compile",
+               "eval", "eval_records", "rows", "eval_data", "eval_heldout", "eval_longer", "processbench", "prm",
+               "threshold", "preset", "smoke"}
 
 
 # ----------------------------------------------------------------------------
@@ -424,7 +430,8 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path, kind="prm", enc=tok.enc)
-        prm.load_state_dict(ck["model"])
+        check_resume(ck, ckpt_path, cfg, RESUME_FREE)
+        load_prm_weights(prm, ck)
         optimizer.load_state_dict(ck["optimizer"])
         start = ck["step"]
         print(f"resuming from {ckpt_path} at step {start}")
@@ -809,12 +816,17 @@ def print_tables(cfg, rows, all_scores, eval_sets, times):
                        "n_shifted": {k: len(v) for k, v in eval_sets.items() if k != first}})
 
 
+def variant_config(cfg, suffix, over):
+    """The config of a trained row of the table (its options `over` cfg's, in out_dir + suffix);
+    None for an untrained row (`over` names how the policy is read)."""
+    if isinstance(over, str):
+        return None
+    return PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
+
+
 def main(argv=None):
     cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
     check_options(cfg, AT_LEAST, CHOICES)
-    require(cfg.tau > 0 and 0 <= cfg.judge_noise <= 1, "--tau must be > 0 and --judge_noise in [0, 1]")
-    require(0 <= cfg.scramble <= 1, f"--scramble must be in [0, 1], got {cfg.scramble}")
-    require(cfg.threshold <= 1, f"--threshold must be at most 1 (negative: the stored one, else 0.5), got {cfg.threshold}")
     if cfg.processbench:   # a trained PRM scores files: no reward design, no training
         require(not cfg.eval and not cfg.rows, "--processbench scores files with a trained PRM (--prm) and "
                                                "trains nothing: drop --eval and --rows")
@@ -832,11 +844,12 @@ def main(argv=None):
     tok = Tok(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
     records, questions = records[:cfg.n_train], records[cfg.n_train:]   # the rest: questions for policy samples
-    eval_sets = read_eval_sets(cfg) if cfg.eval else {}
-    eval_records = next(iter(eval_sets.values()), [])
     # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
     block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
                      for p in (cfg.policy, cfg.init or cfg.policy))
+    eval_sets = {name: records_that_fit(rs, tok, block_size, what=f"{name} records")   # the PRMs read them whole
+                 for name, rs in (read_eval_sets(cfg) if cfg.eval else {}).items()}
+    eval_records = next(iter(eval_sets.values()), [])
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
     questions = skip_long_prompts(questions[:cfg.policy_samples],
                                   [len(encode_prompt(tok, r["question"])) for r in questions[:cfg.policy_samples]],
@@ -844,7 +857,14 @@ def main(argv=None):
     require(records, f"{cfg.data}: no record fits the policy's context")
     if cfg.fact_rows:
         training.read_lines(cfg.facts)   # a bad facts file fails now, not after minutes of reward design
+    for _, suffix, over in variants:    # and so does a resume that would train something else
+        vcfg = variant_config(cfg, suffix, over)
+        ckpt_path = vcfg and os.path.join(vcfg.out_dir, "ckpt.pt")
+        if vcfg and vcfg.resume and os.path.exists(ckpt_path):
+            check_resume(load_checkpoint(ckpt_path, kind="prm", enc=tok.enc), ckpt_path, vcfg, RESUME_FREE)
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if rank == 0:
+        lock_out_dir(cfg.out_dir)
     times, all_scores, rows = {}, {}, {}   # rows[set][scorer], all_scores[set][scorer]
     # the backbone's arithmetic, measured on held-out records (the expert judges; meta is not read)
     probe = [{k: v for k, v in r.items() if k != "meta"} for r in eval_records[:500]]
@@ -855,8 +875,10 @@ def main(argv=None):
         if isinstance(over, str):   # an untrained row: the policy itself, read as `over` says
             prm = untrained_scorer(cfg.policy, cfg.tokenizer, over, device)
         else:
-            vcfg = PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
+            vcfg = variant_config(cfg, suffix, over)
             os.makedirs(vcfg.out_dir, exist_ok=True)
+            if rank == 0:
+                lock_out_dir(vcfg.out_dir)
             prm = train_prm(vcfg, records, questions, tok, device, rank, world, probe if suffix == "" else ())
         times[name.strip()] = time.time() - t0
         if rank == 0 and cfg.eval:

@@ -15,6 +15,7 @@ training: what every script shares, in one place.
 """
 
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import glob
@@ -30,7 +31,8 @@ from dataclasses import asdict, fields
 
 import torch
 
-from model import GPT, GPTConfig, BadInput, vocab_fingerprint, format_eta
+import task
+from model import GPT, GPTConfig, BadInput, vocab_fingerprint, format_eta, check_input_file
 
 # ----------------------------------------------------------------------------
 # configuration: one dataclass per script, turned into --key=value options
@@ -55,7 +57,21 @@ def argument_parser(**kwargs):
     def refuse(message):
         raise BadInput(f"{message} (--help lists the options)")
     p.error = refuse
+    parse = p.parse_args
+
+    def parse_once(args=None, namespace=None):
+        refuse_repeated(sys.argv[1:] if args is None else args)
+        return parse(args, namespace)
+    p.parse_args = parse_once
     return p
+
+
+def refuse_repeated(argv):
+    """An option given twice is an error: argparse would silently keep the last value."""
+    names = [str(a).split("=", 1)[0] for a in argv if str(a).startswith("--") and str(a) != "--"]
+    for name in names:
+        if names.count(name) > 1:
+            raise BadInput(f"{name} is given {names.count(name)} times; give it once")
 
 
 def parse_config(cls, argv=None, presets=None, doc=None):
@@ -90,11 +106,35 @@ def print_config(cfg):
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
 
 
-def check_options(cfg, at_least, one_of=None):
+# The range of every float option of the scripts, as an interval: '[' and ']' include their end,
+# '(' and ')' exclude it. A learning rate of 0 never moves, β weighs two rewards, dropout 1 drops
+# everything, grad_clip 0 zeroes every gradient, a temperature of 0 divides by zero.
+RANGES = {
+    "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "grad_clip": "(0, inf)",
+    "dropout": "[0, 1)", "template_frac": "[0, 1)", "temperature": "(0, inf)", "sample_temperature": "(0, inf)",
+    "beta": "[0, 1]", "alpha": "[0, inf)", "clip_eps": "(0, 1)", "clip_high": "[0, inf)", "kl_coef": "[0, inf)",
+    "tau": "(0, inf)", "judge_noise": "[0, 1]", "scramble": "[0, 1]", "lm_coef": "[0, inf)",
+    "lam_step": "[0, inf)", "lam_final": "[0, inf)", "threshold": "(-inf, 1]", "flaw_scale": "[0, inf)",
+}
+
+
+def within(x, interval):
+    """Is x in `interval`, written as in RANGES ('[0, 1)')?
+
+    >>> within(1.0, "[0, 1)"), within(0.0, "[0, 1)"), within(-3.0, "(-inf, 1]")
+    (False, True, True)
+    """
+    lo, hi = (float(end) for end in interval[1:-1].split(","))
+    return (lo <= x if interval[0] == "[" else lo < x) and (x <= hi if interval[-1] == "]" else x < hi)
+
+
+def check_options(cfg, at_least, one_of=None, ranges=None):
     """Refuse impossible option values before any work.
 
     at_least {option: smallest value}: sizes, steps, intervals (0 batches would loop forever,
-    0 steps would evaluate an untrained model); one_of {option: the values it may take}.
+    0 steps would evaluate an untrained model); one_of {option: the values it may take}. Every
+    float option must be finite and within its interval of RANGES (`ranges` adds to it or
+    overrides it for one script); --out_dir must name a folder.
     """
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
@@ -103,6 +143,14 @@ def check_options(cfg, at_least, one_of=None):
         if getattr(cfg, name) not in values:
             *others, last = map(str, values)
             raise BadInput(f"--{name} must be {', '.join(others)} or {last}; got {getattr(cfg, name)!r}")
+    for name, value in asdict(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadInput(f"--{name} must be a finite number, got {value}")
+    for name, interval in {**RANGES, **(ranges or {})}.items():
+        if hasattr(cfg, name) and not within(getattr(cfg, name), interval):
+            raise BadInput(f"--{name} must be in {interval}, got {getattr(cfg, name)}")
+    if hasattr(cfg, "out_dir") and not cfg.out_dir.strip():
+        raise BadInput("--out_dir is empty: name the folder to write in")
 
 
 def require(holds, message):
@@ -125,16 +173,82 @@ def check_writable(*folders):
             raise BadInput(f"{folder}: cannot be a folder, {path} is a file")
         if not os.access(path, os.W_OK | os.X_OK):
             raise BadInput(f"{folder}: cannot write in {path}")
+        if path == os.path.abspath(folder):
+            refuse_locked(folder)
 
 
 def run_main(main):
     """Run a script's main(). Bad input (BadInput, or a file that cannot be read or written) ends
-    as one line on stderr, `error: ...`, and exit code 2; anything else is a bug and keeps its traceback."""
+    as one line on stderr, `error: ...`, and exit code 2; so does a training run stopped on a
+    non-finite loss (FloatingPointError, see `non_finite`). Anything else is a bug and keeps its
+    traceback. The out_dir locks the run took are released either way."""
     try:
         main()
-    except (BadInput, OSError) as e:
+    except (BadInput, OSError, FloatingPointError) as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
+    finally:
+        release_locks()
+
+
+# ----------------------------------------------------------------------------
+# one run per output folder: a lock file
+
+LOCK_NAME = ".lock"
+HELD_LOCKS = []   # the lock files this process holds: released by run_main, else at exit
+
+
+def lock_out_dir(folder):
+    """Make `folder` and take its lock, the file .lock created exclusively (O_EXCL) with our PID.
+
+    Two runs on one folder would mix their metrics and checkpoints: the second gets a BadInput
+    naming the first. The lock of a process that is gone (killed) is taken over, and so is one
+    of this very process (a main called again in-process, as the tests do).
+    """
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    if path in HELD_LOCKS:
+        return
+    for _ in range(3):   # a try, and tries again after removing a dead process's lock
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            refuse_locked(folder)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        HELD_LOCKS.append(path)
+        return
+    raise BadInput(f"--out_dir={folder}: could not take its lock {path}")
+
+
+def refuse_locked(folder):
+    """A BadInput when another live process holds the lock of `folder` (check_writable asks early)."""
+    path = os.path.join(folder, LOCK_NAME)
+    holder = lock_holder(path) if os.path.exists(path) else None
+    if holder not in (None, os.getpid()) and process_alive(holder):
+        raise BadInput(f"--out_dir={folder} is in use by process {holder} (its lock {path}); "
+                       f"wait for it to end, or choose another --out_dir")
+
+
+def lock_holder(path):
+    """The PID in a lock file, or None when there is none to read (a holder killed mid-write)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            return int(f.read().strip())
+    return None
+
+
+@atexit.register
+def release_locks():
+    """Remove the lock files this process holds (not one another process has taken over since)."""
+    while HELD_LOCKS:
+        path = HELD_LOCKS.pop()
+        if lock_holder(path) == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def mean_std(xs):
@@ -190,7 +304,7 @@ def is_lines(x):
 # what a record's keys must hold when it has them; a string where steps are expected would
 # otherwise be read one character per step, and a null trains as a template example
 RECORD_FIELDS = {
-    "question": (lambda x: isinstance(x, str), "a string"),
+    "question": (task.is_question, "a whole expression of this world (integers, + - * and parentheses)"),
     "answer": (is_int, "an integer"),
     "n_ops": (is_int, "an integer"),
     "thinking": (is_lines, "a list of strings"),
@@ -223,8 +337,9 @@ def record_problem(row, required):
 
 def read_lines(path):
     """The non-blank lines of a UTF-8 text file, stripped (the arithmetic facts); BadInput otherwise."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise BadInput(f"{path}: no such file (python data/arith/prepare.py writes it)")
+    check_input_file(path)
     try:
         with open(path, encoding="utf-8") as f:
             lines = [l.strip() for l in f if l.strip()]
@@ -243,6 +358,7 @@ def read_jsonl(path, required=("question", "answer")):
         raise FileNotFoundError(f"no file at {path}: run `python data/arith/prepare.py` first")
     if os.path.isdir(path):
         raise BadInput(f"{path}: is a folder, expected a jsonl file")
+    check_input_file(path)
     rows = []
     with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error then has a line number
         for lineno, raw in enumerate(f, 1):
@@ -291,6 +407,7 @@ def skip_long_prompts(records, prompt_lengths, block_size, what="records"):
 
 def file_digest(path):
     """The first 16 hex digits of a file's sha256: what checkpoints and caches record of their inputs."""
+    check_input_file(path)   # a pipe would never end
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -331,12 +448,17 @@ def load_checkpoint(path, kind=None, enc=None, map_location="cpu"):
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    check_input_file(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise BadInput(f"{path}: not a readable rfprm checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("model_args"), dict):
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_args"), dict):
         raise BadInput(f"{path}: not an rfprm checkpoint (no 'model' and 'model_args')")
+    bad = [k for k, v in ckpt["model"].items() if not torch.is_tensor(v) or not torch.isfinite(v).all()]
+    if bad:   # NaN weights score NaN and train NaN: say so here, not in a table of nan
+        raise BadInput(f"{path}: {len(bad)} of {len(ckpt['model'])} weight tensors are not finite numbers, e.g. {bad[0]}")
+    ckpt["path"] = path   # for the messages of model_from_checkpoint and load_prm
     if kind is not None and ckpt.get("kind") != kind:
         raise BadInput(f"{path}: is a '{ckpt.get('kind')}' checkpoint, expected a '{kind}' checkpoint")
     if enc is not None and ckpt.get("vocab") != vocab_fingerprint(enc):
@@ -352,9 +474,57 @@ def model_from_checkpoint(ckpt, device="cpu"):
         state = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ckpt["model"].items()}
         state = {k.removeprefix("gpt."): v for k, v in state.items() if not k.startswith("head.")}
         model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as e:
-        raise BadInput(f"checkpoint weights do not fit GPTConfig{tuple(ckpt['model_args'].values())}: {e}") from e
+    except WRONG_SHAPE as e:
+        raise wrong_shape(ckpt, e) from e
     return model.to(device)
+
+
+# what building a model from model_args, or loading weights into it, raises when they disagree
+WRONG_SHAPE = (RuntimeError, TypeError, AttributeError, ValueError, KeyError, AssertionError)
+
+
+def wrong_shape(ckpt, e):
+    """The BadInput of a checkpoint whose weights do not fit its model_args: the file, the shape and
+    the start of torch's message (which lists the mismatched tensors)."""
+    detail = " ".join(str(e).split())[:300] or type(e).__name__
+    return BadInput(f"{ckpt.get('path', 'checkpoint')}: its weights do not fit its model_args "
+                    f"{ckpt['model_args']}: {detail}")
+
+
+# the shape of a model, in its config and in a checkpoint's model_args
+SHAPE_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout")
+
+
+def given_options(argv):
+    """The names of the options on a command line (argv, or sys.argv[1:] when None)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {str(a)[2:].split("=", 1)[0] for a in argv if str(a).startswith("--")}
+
+
+def same_option(a, b):
+    """Are two values of an option the same? Paths are the same when they name the same file."""
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def check_resume(ckpt, path, cfg, free):
+    """Refuse a resume that would go on training something else than the checkpoint was.
+
+    Every option but those in `free` (where to write, how often to log and save, when to stop,
+    what to evaluate on) must be the one the checkpoint was trained with: another --data, shape,
+    --lr or --seed would make a model of two runs that no config describes. --max_steps may
+    grow, not fall below the step the checkpoint reached.
+    """
+    saved = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    for name, value in asdict(cfg).items():
+        if name not in free and name in saved and not same_option(saved[name], value):
+            raise BadInput(f"{path}: trained with --{name}={saved[name]}, this run has --{name}={value}; "
+                           f"resume with the options it was trained with, or start anew in another --out_dir")
+    if not is_int(ckpt.get("step")) or not isinstance(ckpt.get("optimizer"), dict):
+        raise BadInput(f"{path}: no step and optimizer state to resume from (a snapshot?)")
+    if cfg.max_steps < ckpt["step"]:
+        raise BadInput(f"--max_steps={cfg.max_steps} is below step {ckpt['step']}, where {path} stopped")
 
 
 def make_checkpoint(kind, model, enc, config, **extra):
@@ -546,8 +716,7 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
         save_now = ckpt_fn and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == last_step)
         log_now = step % cfg.log_every == 0 or step == cfg.max_steps - 1
         if (save_now or log_now) and int(first_bad) >= 0:
-            raise FloatingPointError(f"non-finite loss or gradient at step {int(first_bad)}; "
-                                     f"stopped, the last good checkpoint is kept")
+            raise non_finite(int(first_bad))
         if log_now:
             loss_val = float(all_reduce_sum(loss.detach().clone()) / world)
             rate = (time.time() - t0) / (step + 1 - start_step)
@@ -562,6 +731,12 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
         if save_now:
             ckpt_fn(step + 1, optimizer)
     return {"tokens": tokens_seen, "loss": loss_val}
+
+
+def non_finite(step):
+    """The error that stops a run at a non-finite loss or gradient, before the step is saved."""
+    return FloatingPointError(f"non-finite loss or gradient at step {step}; stopped, the last good "
+                              f"checkpoint is kept")
 
 
 def keep_metrics_before(path, step):

@@ -54,7 +54,7 @@ import task
 import training
 from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_completions, format_eta
 from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
-                      read_jsonl, write_json_atomic, check_options, require, check_writable, run_main,
+                      read_jsonl, write_json_atomic, check_options, require, check_writable, run_main, lock_out_dir,
                       skip_long_prompts, BadInput)
 from rfprm import load_prm, untrained_scorer, aggregate, AGGREGATIONS
 
@@ -388,14 +388,14 @@ def checks(curves, per_question, ns):
 
 def main(argv=None):
     cfg = parse_config(TTSConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST)
-    require(cfg.temperature >= 0, f"--temperature must be >= 0, got {cfg.temperature}")
+    check_options(cfg, AT_LEAST, ranges={"temperature": "[0, inf)"})   # 0: greedy, every sample alike
     check_writable(cfg.out_dir)
     print_config(cfg)
     try:
         ns = [int(n) for n in cfg.ns.split(",") if n.strip()]
     except ValueError:
         raise BadInput(f"--ns must be comma-separated integers like 1,2,4,8, got {cfg.ns!r}") from None
+    require(ns, f"--ns names no N; give comma-separated integers like 1,2,4,8")
     check_sizes(ns, cfg.n_samples)  # before minutes of sampling
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -406,21 +406,21 @@ def main(argv=None):
         if not os.path.exists(p):
             raise FileNotFoundError(f"no {name} checkpoint at {p!r}: train it with train_prm.py, "
                                     f"or point --{SCORERS[name]} at it")
-        load_checkpoint(p, kind="prm")  # a file that is not a PRM fails now, not after the sampling
+    # every PRM is loaded now (its tokenizer, its weights), not after the sampling
+    scorers = {name: load_prm(path, device) for name, path in prm_paths.items()}
     t0 = time.time()
 
     policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
     questions = skip_long_prompts(questions, [len(encode_prompt(tok, q["question"])) for q in questions],
                                   policy.config.block_size, "questions")
     require(questions, f"{cfg.test}: no question fits the policy's context")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock_out_dir(cfg.out_dir)
     print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
     comps = sample_all(policy, tok, questions, cfg, device)
     records, answers, correct = to_records(tok, questions, comps, cfg.n_samples)
     t_sample = time.time() - t0
 
     keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
-    scorers = {name: load_prm(path, device) for name, path in prm_paths.items()}
     scorers[CONFIDENCE] = untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
     # each scorer gives a dict per sample ({"step", "response", "trajectory", "total"} for a PRM)
     score_fns = {name: (lambda idx, prm=prm: prm.score([records[i] for i in idx])) for name, prm in scorers.items()}

@@ -216,8 +216,10 @@ def test_grpo_smoke_run_process_and_resume(smoke_data, smoke_policy, smoke_prms,
     assert [r["step"] for r in rows if "test_acc" in r] == [0, 2, 4]
     res = json.loads((out / "results.json").read_text())
     assert res["variant"] == "mix+process β=0.75" and 0.0 <= res["final"]["acc"] <= 1.0
-    # resume: two more steps from the checkpoint at step 4
-    proc = run_script(*args, "--process=true", "--resume", "--max_steps=6")
+    # resume: two more steps from the checkpoint at step 4, with the options it was trained with
+    # (another --mu would be refused: training.check_resume)
+    proc = run_script(*args, "--process=true", "--mu=2", "--clip_high=0.28", "--loss_agg=sequence", "--resume",
+                      "--max_steps=6")
     assert "resuming from" in proc.stdout and "step    5/6" in proc.stdout
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3, 4, 5, 6]
@@ -292,3 +294,18 @@ def test_expert_steps_relabel_every_step_and_keep_the_trajectory(smoke_data, smo
     assert [s["response"] for s in rew["scores"]] == [[1.0, 0.0], [0.0]]
     assert [s["trajectory"] for s in rew["scores"]] == [s["trajectory"] for s in plain["scores"]]
     assert grpo.variant_name(cfg) == "mix β=0.75 expert"
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(smoke_data, smoke_policy, smoke_prms,
+                                                                             tmp_path, monkeypatch):
+    out, calls, optimise = tmp_path / "nan", [], grpo.optimise
+
+    def nan_from_the_third_step(*args):
+        calls.append(1)
+        stats = optimise(*args)
+        return {**stats, "loss": torch.tensor(float("nan"))} if len(calls) > 2 else stats
+    monkeypatch.setattr(grpo, "optimise", nan_from_the_third_step)
+    argv = script_args(smoke_data, smoke_policy, smoke_prms, out)[1:] + ["--reward=rule", "--eval_every=0"]
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
+        grpo.main(argv)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2, "the checkpoint of step 2 is kept"

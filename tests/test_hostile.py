@@ -45,10 +45,12 @@ RECORD_DEFECTS = {  # what is wrong -> how record 3 becomes wrong
     "answer is Infinity": lambda r: {**r, "answer": float("inf")},
     "answer is true": lambda r: {**r, "answer": True},
     "question is a number": lambda r: {**r, "question": 7},
+    "question has a division": lambda r: {**r, "question": "3 + 4 / 2"},   # no such operator in this world
+    "question is cut short": lambda r: {**r, "question": "8 / (2 + (3"},
     "answer is missing": lambda r: {k: v for k, v in r.items() if k != "answer"},
 }
 QUESTION_DEFECTS = ("answer is a string", "answer is 3.7", "answer is Infinity", "answer is true",
-                    "question is a number", "answer is missing")
+                    "question is a number", "question has a division", "question is cut short", "answer is missing")
 LINE_DEFECTS = {  # what is wrong -> line 3's bytes
     "line is not an object": lambda line: b"[1, 2, 3]",
     "line is cut short": lambda line: line[:30],
@@ -100,8 +102,13 @@ def make_probes(D, ckpt, tmp):
         n[0] += 1
         return tmp / f"out{n[0]}"
 
-    def add(label, script, argv, expect, o):
-        probes.append((label, script, [str(a) for a in argv], expect, o))
+    def add(label, script, argv, expect, o, repeats=False):
+        """A probe; an option given again replaces the earlier one (a repeated option is a probe of its own)."""
+        argv = [str(a) for a in argv]
+        if not repeats:
+            name = lambda a: a.split("=", 1)[0] if a.startswith("--") else a
+            argv = [a for k, a in enumerate(argv) if name(a) not in map(name, argv[k + 1:]) or not a.startswith("--")]
+        probes.append((label, script, argv, expect, o))
 
     # bad records and files where the pool is read
     (tmp / "pool").mkdir(exist_ok=True)
@@ -226,7 +233,89 @@ def make_probes(D, ckpt, tmp):
     add("--cache_dir: inside a file", "train_prm.py", prm_args(o) + [f"--cache_dir={a_file}/rewards"], str(a_file), o)
     o = out()
     add("--cache_dir: inside a file", "select_data.py", sel_args(o) + [f"--cache_dir={a_file}/scores"], str(a_file), o)
+
+    # float options out of their range (training.RANGES), before any work
+    for script, argv, opts in (
+            ("sft.py", sft_args, ("--lr=nan", "--lr=-1", "--lr=0", "--dropout=1", "--grad_clip=0",
+                                  "--template_frac=1", "--sample_temperature=inf", "--weight_decay=-0.1")),
+            ("grpo.py", grpo_args, ("--alpha=nan", "--alpha=-1", "--beta=2", "--beta=-1", "--grad_clip=0",
+                                    "--lr=inf", "--temperature=nan", "--kl_coef=-1", "--clip_eps=0")),
+            ("train_prm.py", prm_args, ("--lr=nan", "--alpha=inf", "--lam_step=-1", "--judge_noise=2",
+                                        "--scramble=1.5", "--threshold=nan")),
+            ("tts.py", tts_args, ("--temperature=nan", "--temperature=-1")),
+            ("select_data.py", sel_args, ("--lr=0", "--min_lr=-1"))):
+        for opt in opts:
+            o = out()
+            add(f"option {opt}", script, argv(o) + [opt], opt.split("=")[0], o)
+    o = out()
+    add("option --variants=mix@2 (a β of 2)", "grpo.py", grpo_args(o) + ["--variants=rule,mix@2"], "--beta", o)
+
+    # checkpoints that load but are wrong inside: the message names the file
+    for script, argv, opt, which in (("rfprm.py", None, "--prm", "prm_misfit"), ("tts.py", tts_args, "--prm", "prm_misfit"),
+                                     ("grpo.py", grpo_args, "--prm", "prm_misfit"),
+                                     ("select_data.py", sel_args, "--prm", "prm_misfit"),
+                                     ("tts.py", tts_args, "--prm", "prm_no_tokenizer"),
+                                     ("rfprm.py", None, "--prm", "prm_nan"), ("sft.py", sft_args, "--init", "policy_nan"),
+                                     ("grpo.py", grpo_args, "--init", "policy_nan")):
+        o = out() if argv else None
+        args = argv(o) if argv else ["score", D / "pool.jsonl"]
+        add(f"{opt}: {which}", script, args + [f"{opt}={ckpt[which]}"], str(ckpt[which]), o)
+    o = out()
+    add("option --ns= (no N)", "tts.py", tts_args(o) + ["--ns="], "--ns", o)
+
+    # resumes that would train something else, and a second run on one folder: out_dir exists already
+    for script, argv, trained, differs, expect in (
+            ("sft.py", sft_args, {"data": str(D / "train.jsonl")}, [], "--data"),
+            ("sft.py", sft_args, {"lr": 0.5}, [], "--lr"),
+            ("sft.py", sft_args, {"seed": 7}, [], "--seed"),
+            ("sft.py", sft_args, {"n_embd": 64}, [], "--n_embd"),
+            ("sft.py", sft_args, {}, ["--max_steps=10"], "--max_steps"),
+            ("grpo.py", grpo_args, {"questions": str(D / "rl_hard.jsonl")}, [], "--questions"),
+            ("grpo.py", grpo_args, {"beta": 0.5}, [], "--beta"),
+            ("train_prm.py", prm_args, {"data": str(D / "train.jsonl")}, [], "--data")):
+        o = out()
+        kind = "prm" if script == "train_prm.py" else "policy"
+        resumable(o, kind, ckpt["fingerprint"], trained)
+        add(f"--resume: trained with {trained or 'the same options'}, resumed with {differs or 'others'}", script,
+            argv(o) + ["--resume"] + differs, expect, o)
+    o = out()
+    add("--init: a shape option it does not have", "sft.py", sft_args(o) + [f"--init={ckpt['shaped']}", "--n_embd=64"],
+        "--n_embd", o)
+    for script, argv in (("sft.py", sft_args), ("grpo.py", grpo_args), ("tts.py", tts_args)):
+        o = out()
+        o.mkdir()
+        (o / training.LOCK_NAME).write_text(f"{os.getppid()}\n")   # a live process's lock
+        add("--out_dir: another run's", script, argv(o), "in use by process", o)
+
+    # smaller: names, empty options, files that are not files, repeats
+    o = out()
+    add("--tokenizer=gpt2 (a name, not a file)", "sft.py", sft_args(o) + ["--tokenizer=gpt2"], "--tokenizer", o)
+    for script, argv in (("sft.py", sft_args), ("train_prm.py", prm_args), ("select_data.py", sel_args),
+                         ("grpo.py", grpo_args), ("tts.py", tts_args)):
+        add("--out_dir= (empty)", script, argv(""), "--out_dir", None)
+    fifo = tmp / "a_fifo.jsonl"
+    os.mkfifo(fifo)
+    for bad in (fifo, "/dev/zero"):
+        o = out()
+        add(f"--data: {bad}", "sft.py", sft_args(o) + [f"--data={bad}"], str(bad), o)
+        o = out()
+        add(f"--test: {bad}", "tts.py", tts_args(o) + [f"--test={bad}"], str(bad), o)
+        o = out()
+        add(f"--init: {bad}", "sft.py", sft_args(o) + [f"--init={bad}"], str(bad), o)
+        o = out()
+        add(f"--tokenizer: {bad}", "sft.py", sft_args(o) + [f"--tokenizer={bad}"], str(bad), o)
+    o = out()
+    add("option --lr given twice", "sft.py", sft_args(o) + ["--lr=1e-3", "--lr=2e-3"], "--lr", o, repeats=True)
+    add("option --n given twice", "rfprm.py", ["score", D / "pool.jsonl", f"--prm={ckpt['prm']}", "--n=1", "--n=2"],
+        "--n", None, repeats=True)
     return probes
+
+
+def resumable(out, kind, fingerprint, trained):
+    """A checkpoint in `out` to resume from, trained with the options `trained` (and at step 15)."""
+    out.mkdir(parents=True)
+    torch.save({"kind": kind, "model": {}, "model_args": {"block_size": 256}, "vocab": fingerprint,
+                "config": trained, "step": 15, "optimizer": {"state": {}, "param_groups": []}}, out / "ckpt.pt")
 
 
 # ----------------------------------------------------------------------------
@@ -248,6 +337,13 @@ def run_in_process(script, argv):
     return code, err.getvalue()
 
 
+def folder_state(folder):
+    """None for no folder, else {file: (size, mtime)} under it: a probe must leave it as it was."""
+    if folder is None or not os.path.exists(folder):
+        return None
+    return {f: (os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files_under(folder)}
+
+
 def files_under(folder):
     if folder is None or not os.path.exists(folder):
         return []
@@ -261,11 +357,20 @@ def stand_in_checkpoints(D, folder):
     these with another message, and the test says so (it also keeps this file fast alone).
     """
     fingerprint = vocab_fingerprint(load_tokenizer(str(D / "tokenizer.tiktoken")))
-    paths = {}
-    for name, kind in (("base", "policy"), ("policy", "policy"), ("prm", "prm")):
+    paths = {"fingerprint": fingerprint}
+    tiny = {"block_size": 32, "vocab_size": 320, "n_layer": 1, "n_head": 1, "n_embd": 8}
+    config = {"tokenizer": str(D / "tokenizer.tiktoken")}
+    for name, kind, model, model_args, cfg in (
+            ("base", "policy", {}, {"block_size": 256}, config), ("policy", "policy", {}, {"block_size": 256}, config),
+            ("prm", "prm", {}, {"block_size": 256}, config),
+            ("shaped", "policy", {}, {**{k: sft.SMOKE[k] for k in ("n_layer", "n_head", "n_embd")}, "block_size": 256}, config),   # a smoke policy's shape
+            ("prm_misfit", "prm", {"gpt.wte.weight": torch.zeros(3, 5)}, tiny, config),  # weights of another shape
+            ("prm_no_tokenizer", "prm", {}, tiny, {"tokenizer": str(folder / "gone.tiktoken")}),
+            ("prm_nan", "prm", {"head.bias": torch.tensor([float("nan")])}, tiny, config),
+            ("policy_nan", "policy", {"wte.weight": torch.full((2, 2), float("nan"))}, tiny, config)):
         paths[name] = folder / f"{name}.pt"
-        torch.save({"kind": kind, "model": {}, "model_args": {"block_size": 256}, "vocab": fingerprint,
-                    "config": {"tokenizer": str(D / "tokenizer.tiktoken")}}, paths[name])
+        torch.save({"kind": kind, "model": model, "model_args": model_args, "vocab": fingerprint, "config": cfg},
+                   paths[name])
     return paths
 
 
@@ -278,10 +383,11 @@ def probes(smoke_data, tmp_path_factory):
 def test_every_probe_is_refused_in_one_line_and_writes_nothing(probes):
     t0, failures = time.time(), []
     for label, script, argv, expect, out in probes:
+        before = folder_state(out)
         code, err = run_in_process(script, argv)
         lines = err.strip().splitlines()
         ok = (code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0]
-              and (out is None or not os.path.exists(out)))
+              and folder_state(out) == before)
         if not ok:
             failures.append(f"{script} [{label}]: exit {code}, stderr {err.strip()[-300:]!r}, "
                             f"wrote {files_under(out)[:3]}")
@@ -505,3 +611,56 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
                    ckpt_fn=ckpt_fn, metrics_path=str(metrics), start_step=4)  # resumed from the step-4 checkpoint
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert steps == [0, 2, 4, 6, 8, 10, 11]
+
+
+# ----------------------------------------------------------------------------
+# one run per output folder; a training loop that meets NaN; the expert on what it cannot parse
+
+
+def test_a_lock_is_taken_refused_taken_over_and_released(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    training.lock_out_dir(str(out))
+    lock = out / training.LOCK_NAME
+    assert lock.read_text() == f"{os.getpid()}\n"
+    training.release_locks()
+    assert not lock.exists()
+    lock.write_text(f"{os.getppid()}\n")                      # a live process's
+    with pytest.raises(training.BadInput, match="is in use by process"):
+        training.lock_out_dir(str(out))
+    with pytest.raises(training.BadInput, match="is in use by process"):
+        training.check_writable(str(out))                      # asked before any work
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout)                               # a killed run's
+    training.lock_out_dir(str(out))
+    assert lock.read_text() == f"{os.getpid()}\n"
+    training.release_locks()
+    assert not lock.exists()
+
+
+def test_a_non_finite_loss_is_one_line_and_the_last_checkpoint_stays(tmp_path):
+    cfg = sft.SFTConfig(max_steps=12, ckpt_every=4, log_every=100, warmup_steps=1, batch_size=2)
+    model = torch.nn.Linear(3, 1)
+    x = torch.randn(10, 3)
+    saved = []
+    batch_loss = lambda m, idx: (m(x[idx]).pow(2).mean() * (float("nan") if saved else 1.0), len(idx))
+
+    def run():
+        training.train(model, batch_loss, torch.ones(10, dtype=torch.long), cfg, "cpu", log=lambda s: None,
+                       ckpt_fn=lambda step, opt: saved.append(step))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        training.run_main(run)
+    assert stop.value.code == 2 and saved == [4]
+    assert err.getvalue() == ("error: non-finite loss or gradient at step 4; stopped, the last good checkpoint "
+                              "is kept\n")
+
+
+def test_the_expert_rates_no_step_right_against_a_question_it_cannot_parse():
+    for question in ("3 + 4 / 2", "8 / (2 + (3", "3 4", "", "3 + 4 * 2" + ")" * 3):
+        assert not task.is_question(question)
+        for step in ("3 + 4 = 7", "4 / 2 = 2", "Answer: 5", "so the answer is 5", "wait, 3 + 4 is 7, not 8"):
+            assert task.judge(question, [], step) != 1.0, (question, step)
+    assert task.is_question("3 + 4 * (5 - 2)") and task.judge("3 + 4", [], "3 + 4 = 7") == 1.0
+    assert task.follow_template(None) == [] == task.template(None)

@@ -9,7 +9,8 @@ import torch
 
 from conftest import run_script
 from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
-from rfprm import (PRM, prm_loss, load_prm, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
+from training import BadInput
+from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
                    aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
 import train_prm
@@ -194,18 +195,33 @@ def test_aggregations_of_a_hand_made_score():
         aggregate(s, "median")
 
 
-def test_score_never_crashes_on_odd_records(smoke_prms):
+def test_score_never_crashes_on_odd_records(smoke_prms, capsys):
     prm = load_prm(str(smoke_prms["fused"]), device="cpu")
     records = [{"question": "1 + 2", "thinking": [], "response": ["Answer: 3"]},
                {"question": "1 + 2", "thinking": ["1 + 2 = 3"], "response": []},
                {"question": "1 + 2", "thinking": ["7 " * 400] * 3, "response": ["Answer: 3"]},
                {"question": "", "thinking": [""], "response": [""]}]
-    out = prm.score(records)
-    assert len(out) == 4 and prm.truncated == 1
-    for o, r in zip(out, records):
+    # the record longer than the context is left out and named: its steps past the cut have no
+    # score (they once took the last position's); given anyway, it is refused, named
+    kept = records_that_fit(records, prm.tok, prm.config.block_size)
+    assert kept == [records[0], records[1], records[3]]
+    assert "1 of 4 records are longer than the PRM's context (block_size=256), left out unscored: #2" in capsys.readouterr().out
+    out = prm.score(kept)
+    assert len(out) == 3
+    for o, r in zip(out, kept):
         assert len(o["step"]) == len(r["thinking"]) and len(o["response"]) == len(r["response"])
         assert all(math.isfinite(x) for x in o["step"] + o["response"] + [o["trajectory"], o["total"]])
+    with pytest.raises(BadInput, match=r"ckpt.pt: 1 of 4 records are longer than its context \(block_size=256\): #2"):
+        prm.score(records)
     assert prm.readout == "surprise" and prm.with_response
+
+
+def test_nan_scores_are_an_error_naming_the_checkpoint(smoke_prms):
+    prm = load_prm(str(smoke_prms["fused"]), device="cpu")
+    with torch.no_grad():
+        prm.head.bias.fill_(float("nan"))
+    with pytest.raises(BadInput, match="ckpt.pt: scores that are not finite numbers, for records #0"):
+        prm.score([{"question": "1 + 2", "thinking": ["1 + 2 = 3"], "response": ["Answer: 3"]}])
 
 
 def test_response_only_prm_reads_thinking_as_response_steps(smoke_prms, smoke_data):
