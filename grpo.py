@@ -155,6 +155,8 @@ def group_advantages(rewards, group_size, scale_std=False, eps=1e-4):
     one (as TRL). A group whose rewards are all equal gets 0.
 
     >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
+    [0.5, -0.5, 0.0, 0.0]
+    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2, scale_std=True).tolist()
     [0.7070068..., -0.7070068..., 0.0, 0.0]
     """
     r = rewards.float().view(-1, group_size)                      # (n_groups, G)
