@@ -447,7 +447,8 @@ def test_a_bad_facts_file_fails_before_any_work(smoke_data, smoke_policy, tmp_pa
     bad = tmp_path / "facts.txt"
     bad.write_bytes(b"\xff\xfe")
     out = tmp_path / "out"
-    proc = run_script(*prm_args(smoke_data, smoke_policy, tmp_path), f"--facts={bad}", f"--out_dir={out}", check=False)
+    args = [a for a in prm_args(smoke_data, smoke_policy, tmp_path) if not a.startswith("--facts=")]  # given once
+    proc = run_script(*args, f"--facts={bad}", f"--out_dir={out}", check=False)
     assert proc.returncode == 2 and f"error: {bad}: expected UTF-8 text" in proc.stderr and not out.exists()
 
 
