@@ -27,6 +27,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
     python rfprm.py design data/arith/train.jsonl --n=2      # the reward design of a record, step by step
 """
 
+import functools
 import math
 import os
 import re
@@ -321,6 +322,20 @@ def result_span(line):
     return (number.span(1), number.span(1)) if number else None
 
 
+@functools.lru_cache(maxsize=8)
+def digit_ids(tok):
+    """(10, 2) token ids of each digit 0-9 written alone and after a space ('7', ' 7'); the same
+    id twice where the vocabulary has no spaced form."""
+    one = lambda text: tok.enc.encode_ordinary(text)
+    return torch.tensor([[one(str(d))[0], (one(f" {d}") if len(one(f" {d}")) == 1 else one(str(d)))[0]]
+                         for d in range(10)])
+
+
+@functools.lru_cache(maxsize=8)
+def digit_set(tok):
+    return set(digit_ids(tok).flatten().tolist())
+
+
 def step_result_tokens(tok, line):
     """A step's token ids, the indices of those that state its result, and of those its
     surprise term checks with checked="computation" (result_span). A filler has neither.
@@ -349,13 +364,14 @@ def prm_tokens(tok, question, thinking, response, block_size=None):
     after the last thinking line, <|endoftext|> after the last response line); the
     trajectory's at the final <|endoftext|>. step_of[p] is the end position of the step that
     token p belongs to, result_of[p] the same for the tokens of the step's result only,
-    checked_of[p] for the tokens the surprise term checks (step_result_tokens); -1 elsewhere.
+    checked_of[p] for the tokens the surprise term checks (step_result_tokens), operands_of[p]
+    for the digits of that span that are not the result's; -1 elsewhere.
     Past block_size the ids are cut and positions clamped.
-    Returns {"ids", "think", "response", "end", "step_of", "result_of", "checked_of", "truncated"}.
+    Returns {"ids", "think", "response", "end", "step_of", "result_of", "checked_of", "operands_of", "truncated"}.
     """
     nl = tok.enc.encode_ordinary("\n")
     ids = encode_prompt(tok, question)
-    of = {"step_of": [-1] * len(ids), "result_of": [-1] * len(ids), "checked_of": [-1] * len(ids)}
+    of = {k: [-1] * len(ids) for k in ("step_of", "result_of", "checked_of", "operands_of")}
     ends = {"think": [], "response": []}
     for part, lines, closer in (("think", thinking, tok.end_think), ("response", response, tok.eot)):
         for i, line in enumerate(lines):
@@ -365,6 +381,8 @@ def prm_tokens(tok, question, thinking, response, block_size=None):
             of["step_of"] += [end] * len(line_ids)
             of["result_of"] += [end if k in result else -1 for k in range(len(line_ids))]
             of["checked_of"] += [end if k in checked else -1 for k in range(len(line_ids))]
+            of["operands_of"] += [end if k in checked and k not in result and t in digit_set(tok) else -1
+                                  for k, t in enumerate(line_ids)]
             ends[part].append(end)
             sep = nl if i < len(lines) - 1 else [closer]
             ids += sep
@@ -402,20 +420,25 @@ def encode_for_prm(tok, record, mode="full", block_size=None):
 
 def batch_of(encoded, pad_id, key="checked_of"):
     """Right-padded ids and encoded[key] (B, T) of prm_tokens outputs: the tokens the PRM's
-    surprise term reads (checked_of, or step_of for the confidence baseline). Causal attention
-    never reads the padding."""
+    surprise term reads (checked_of, or step_of for the confidence baseline); a tuple of keys
+    gives them side by side, (B, T, K). Causal attention never reads the padding."""
+    keys = (key,) if isinstance(key, str) else key
     T = max(len(e["ids"]) for e in encoded)
     idx = torch.full((len(encoded), T), pad_id, dtype=torch.long)
-    token_of = torch.full((len(encoded), T), -1, dtype=torch.long)
+    token_of = torch.full((len(encoded), T, len(keys)), -1, dtype=torch.long)
     for j, e in enumerate(encoded):  # building a batch once, not a hot loop
         idx[j, :len(e["ids"])] = torch.tensor(e["ids"])
-        token_of[j, :len(e["ids"])] = torch.tensor(e[key])
-    return idx, token_of
+        token_of[j, :len(e["ids"])] = torch.tensor([e[k] for k in keys]).T
+    return idx, token_of.squeeze(-1) if isinstance(key, str) else token_of
 
 
-def step_surprise(gpt, h, idx, token_of):
+def step_surprise(gpt, h, idx, token_of, digits=None):
     """ℓ (B, T): at each step's end, the lowest log-probability the language-model head gave to
     one of the step's tokens, log p(token_p | tokens < p); 0 elsewhere and for a step without one.
+    With digits (10, 2), the token ids of each digit without and with a leading space, every
+    token read is a digit and its probability is taken among the digits alone,
+    log p(digit | tokens < p, a digit comes): whether a number comes here, and with a space,
+    depends on the words around it; which number comes, on the arithmetic.
 
     h (B, T, C) the backbone's hidden states of idx (B, T); token_of (B, T) from prm_tokens:
     result_of or checked_of (the PRM's ℓ_t: the step's result, or its whole computation; PRM.read_key)
@@ -428,7 +451,13 @@ def step_surprise(gpt, h, idx, token_of):
     if not is_read.any():
         return ell.view(B, T)
     logits = gpt.lm_head(h[:, :-1][is_read]).float()                          # (n, V)
-    logp = F.log_softmax(logits, -1).gather(1, idx[:, 1:][is_read][:, None]).squeeze(1)  # (n,)
+    target = idx[:, 1:][is_read][:, None]                                     # (n, 1)
+    if digits is None:
+        logp = F.log_softmax(logits, -1).gather(1, target).squeeze(1)        # (n,)
+    else:
+        per_digit = torch.logsumexp(logits[:, digits], -1)                   # (n, 10): either spelling
+        which = (digits[None, :, :] == target[:, :, None]).any(-1).float().argmax(-1, keepdim=True)
+        logp = F.log_softmax(per_digit, -1).gather(1, which).squeeze(1)
     rows = torch.arange(B, device=idx.device)[:, None].expand(B, T - 1)[is_read]
     ends = token_of[:, 1:][is_read]                                           # (n,) the end of each one's step
     return ell.scatter_reduce(0, rows * T + ends, logp, "amin").view(B, T)    # min with 0: log-probs are ≤ 0
@@ -456,7 +485,14 @@ class PRM(nn.Module):
         '=', differs from voice to voice, and in words the head never read even right operands
         surprise it; the result, given the operands, is the arithmetic itself in any voice.
         checked="computation" reads the operands and connective as well (an operand that is not
-        in the question surprises a head that knows what comes next), a row of the table. The LM
+        in the question surprises a head that knows what comes next), a row of the table.
+        checked="numbers" (ours) adds a second term instead, with its own weight:
+            R_φ(t) = σ(w·h_t + a·ℓ_t + a_op·ℓ^op_t + b)
+        ℓ^op_t: the lowest log-probability of the step's operand digits, each among the digits
+        alone (step_surprise with digits): it asks which number comes, not whether the words
+        around it lead to one, so it checks an operand against the question's state (a number
+        misread, a step built on the wrong value) whatever the voice. Its LM loss reads the
+        approved steps' operands as well as their results. The LM
         head trains end to end with the reward head, and train_prm.py adds a language-model loss
         on the same tokens of the steps the expert approved, which keeps the head sharp (a frozen
         copy of the policy, the other way, costs a second model). a starts at 1: a lone scalar
@@ -470,13 +506,15 @@ class PRM(nn.Module):
         super().__init__()
         if readout not in ("surprise", "plain", "confidence"):
             raise ValueError(f"readout must be surprise, plain or confidence; got {readout!r}")
-        if checked not in ("result", "computation"):
-            raise ValueError(f"checked must be result or computation; got {checked!r}")
+        if checked not in ("result", "computation", "numbers"):
+            raise ValueError(f"checked must be result, computation or numbers; got {checked!r}")
         self.gpt = GPT(cfg)
         self.head = nn.Linear(cfg.n_embd, 1)                   # w, b
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.surprise_weight = nn.Parameter(torch.ones(()))    # a
+        if checked == "numbers":
+            self.operand_weight = nn.Parameter(torch.ones(()))  # a_op
         self.config, self.readout, self.checked = cfg, readout, checked
         self.tok = None              # set by load_prm, for score()
         self.alpha = 1.0             # total = mean(step) + α · trajectory (the paper's headline α)
@@ -493,7 +531,11 @@ class PRM(nn.Module):
         if self.readout == "confidence":
             return step_surprise(self.gpt, h, idx, token_of).exp(), lm_loss
         logit = self.head(h).squeeze(-1).float()                               # (B, T): w·h_t + b
-        if self.readout == "surprise" and token_of is not None:
+        if self.readout == "surprise" and token_of is not None and token_of.dim() == 3:   # "numbers"
+            digits = digit_ids(self.tok).to(idx.device)
+            logit = logit + self.surprise_weight * step_surprise(self.gpt, h, idx, token_of[..., 0]) \
+                + self.operand_weight * step_surprise(self.gpt, h, idx, token_of[..., 1], digits)
+        elif self.readout == "surprise" and token_of is not None:
             logit = logit + self.surprise_weight * step_surprise(self.gpt, h, idx, token_of)
         return torch.sigmoid(logit), lm_loss
 
@@ -502,7 +544,7 @@ class PRM(nn.Module):
         baseline, else the result (checked="result") or the whole computation."""
         if self.readout == "confidence":
             return "step_of"
-        return "result_of" if self.checked == "result" else "checked_of"
+        return {"result": "result_of", "computation": "checked_of", "numbers": ("result_of", "operands_of")}[self.checked]
 
     @torch.no_grad()
     def score(self, records, batch_size=None):

@@ -102,6 +102,7 @@ class PRMConfig:
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
     scramble: float = 0.5          # share of training records whose words are made up anew (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
+                                   # | numbers (ours: the result, and the operands' digits as a second term)
     lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
     facts: str = "data/arith/facts.txt"
     fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
@@ -142,7 +143,7 @@ PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given e
 AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollouts=1, mc_rollouts=1, mc_records=1, max_steps=1, batch_size=1,
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
-               final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation"), encoder=("tfidf", "policy"),
+               final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation", "numbers"), encoder=("tfidf", "policy"),
                coherence=("logprob", "prob"))
 # what a resume may change (training.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes the labels or the training
@@ -301,7 +302,8 @@ def scrambled(record, rng):
 
 def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
     """Training tensors (N, L): ids, checked_of, step and final targets (NaN where nothing is read),
-    language-model targets (-1 where none), and the lengths (N,).
+    language-model targets (-1 where none), and the lengths (N,). A record longer than
+    block_size is left out with a warning.
 
     The step targets sit where each step ends (thinking steps, and response steps when their
     targets are given; the response-only PRM reads its response steps); the final target at
@@ -309,10 +311,11 @@ def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
     approved steps, set one position early (token p is predicted at p − 1).
     """
     enc = [encode_for_prm(tok, r, mode, block_size) for r in records]
-    cut = [k for k, e in enumerate(enc) if e["truncated"]]
-    if cut:
+    cut = {k for k, e in enumerate(enc) if e["truncated"]}
+    if cut:  # a step past the cut would be trained at another step's position: left out, not cut
         print(f"warning: {len(cut)} of {len(records)} records longer than block_size={block_size}, "
-              f"truncated: {record_names(records, cut)}")
+              f"left out of training: {record_names(records, sorted(cut))}")
+        enc, targets = zip(*[(e, t) for k, (e, t) in enumerate(zip(enc, targets)) if k not in cut])
     ids, checked_of = batch_of(enc, tok.eot, key)
     t_step = torch.full(ids.shape, float("nan"))
     t_final = torch.full(ids.shape, float("nan"))
@@ -324,7 +327,7 @@ def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
         if t["final"] == t["final"]:  # not NaN
             t_final[i, e["end"]] = t["final"]
         approved = {end for end, ok in zip(e["think"] + e["response"], t["approved"]) if ok}
-        for p, end in enumerate(e[key]):
+        for p, end in enumerate(e[key if isinstance(key, str) else "checked_of"]):   # numbers: operands too
             if p > 0 and end in approved:
                 lm[i, p - 1] = e["ids"][p]
     return ids, checked_of, t_step, t_final, lm, torch.tensor([len(e["ids"]) for e in enc])
@@ -353,7 +356,7 @@ def with_fact_rows(X, R, TS, TF, LM, facts, n_rows, offset):
     pos = starts[:, None] + torch.arange(L)                                           # (n_rows, L)
     lm = torch.where(is_result[pos], ids[pos + 1], -1)
     nan = torch.full((n_rows, L), float("nan"))
-    return (torch.cat([X, ids[pos]]), torch.cat([R, torch.full((n_rows, L), -1)]), torch.cat([TS, nan]),
+    return (torch.cat([X, ids[pos]]), torch.cat([R, torch.full((n_rows, *R.shape[1:]), -1)]), torch.cat([TS, nan]),
             torch.cat([TF, nan]), torch.cat([LM, lm]))
 
 
@@ -419,6 +422,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
     records = [scrambled(r, rng) if rng.random() < cfg.scramble else r for r in records]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
     prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout, cfg.checked)
+    prm.tok = tok
     prm.gpt.load_state_dict(model_from_checkpoint(init_ckpt).state_dict())
     prm.to(device)
     if probe and rank == 0:
@@ -734,6 +738,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  paper's trajectory rwd", "_paper_final", {"final": "template"}),
     ("  paper's plain head", "_plain", {"readout": "plain"}),
     ("  ℓ on the computation", "_computation", {"checked": "computation"}),
+    ("  ℓ on result and operands", "_numbers", {"checked": "numbers"}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),

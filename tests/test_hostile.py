@@ -281,7 +281,9 @@ def make_probes(D, ckpt, tmp):
     o = out()
     add("--init: a shape option it does not have", "sft.py", sft_args(o) + [f"--init={ckpt['shaped']}", "--n_embd=64"],
         "--n_embd", o)
-    for script, argv in (("sft.py", sft_args), ("grpo.py", grpo_args), ("tts.py", tts_args)):
+    prepare_args = lambda o: ["--smoke", f"--out_dir={o}"]
+    for script, argv in (("sft.py", sft_args), ("grpo.py", grpo_args), ("tts.py", tts_args),
+                         ("data/arith/prepare.py", prepare_args)):
         o = out()
         o.mkdir()
         (o / training.LOCK_NAME).write_text(f"{os.getppid()}\n")   # a live process's lock

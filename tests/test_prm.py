@@ -10,6 +10,7 @@ import torch
 from conftest import run_script
 from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
 from training import BadInput
+import rfprm
 from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
                    aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
@@ -87,6 +88,31 @@ def test_a_wrong_result_is_surprising_in_the_held_out_voice(tok, arith_lm):
     assert at[0] > at[1] + 1 and at[2] > at[3] + 1, at     # right result, then wrong, in each phrasing
 
 
+def test_a_wrong_operand_lowers_the_operand_term_in_any_voice(tok, arith_lm):
+    """checked="numbers": ℓ^op reads the operand digits, each among the digits alone, so a number
+    the question's state does not have is surprising after words the LM never read, and a right
+    one is no more surprising there than under the full softmax."""
+    prm = PRM(arith_lm.config, checked="numbers")
+    prm.gpt.load_state_dict(arith_lm.state_dict())
+    prm.tok = tok
+    lines = [f"{lead}2 + {b} {eq} {2 + b}" for lead, eq in (("then ", "="), ("following that, ", "yields"))
+             for b in (3, 4)]
+    recs = [{"question": "2 + 3", "thinking": ["let me see", line], "response": []} for line in lines]
+    encoded = [prm_tokens(tok, **r) for r in recs]
+    idx, token_of = batch_of(encoded, tok.eot, prm.read_key())
+    assert token_of.shape[-1] == 2 and prm.read_key() == ("result_of", "operands_of")
+    assert [tok.enc.decode([e["ids"][p] for p, x in enumerate(e["operands_of"]) if x >= 0]) for e in encoded[:2]] \
+        == [" 2 3", " 2 4"], "the operands' digits, not the operator or the result"
+    h = prm.gpt.hidden(idx)
+    ops = step_surprise(prm.gpt, h, idx, token_of[..., 1], rfprm.digit_ids(tok))
+    full = step_surprise(prm.gpt, h, idx, token_of[..., 1])
+    at = lambda ell: [ell[j, e["think"][1]].item() for j, e in enumerate(encoded)]
+    assert at(ops)[0] > at(ops)[1] + 1 and at(ops)[2] > at(ops)[3] + 1, at(ops)   # right operand, then wrong
+    assert all(a >= b - 1e-5 for a, b in zip(at(ops), at(full))), "among the digits: never more surprising"
+    scores, _ = prm(idx, token_of)
+    assert scores[0, encoded[0]["think"][1]] > scores[1, encoded[1]["think"][1]] + 0.1
+
+
 def test_confidence_baseline_on_a_hand_made_record(tok, arith_lm):
     scorer = PRM(arith_lm.config, readout="confidence")
     scorer.gpt.load_state_dict(arith_lm.state_dict())
@@ -156,6 +182,10 @@ def test_pack_prm_puts_targets_where_steps_end(tok):
     _, _, t_mc, _, _, _ = train_prm.pack_prm([rec], [{"step": [], "response": [0.5], "final": float("nan"),
                                                       "approved": []}], tok, "response_only", 256)
     assert (~torch.isnan(t_mc[0])).sum() == 1
+    # a record longer than the context is left out, not trained with its later steps piled on the last position
+    long = {**rec, "thinking": ["hmm, let me think"] * 40}
+    ids, *_, lengths = train_prm.pack_prm([long, rec], targets, tok, "full", 64)
+    assert lengths.tolist() == [len(e["ids"])] and ids[0, :len(e["ids"])].tolist() == e["ids"]
 
 
 def test_prm_loss_is_zero_at_targets_and_flows_only_through_read_positions():

@@ -37,7 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
 from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
-from training import parse_config, check_options, require, check_writable, run_main, write_text_atomic  # noqa: E402
+from training import (parse_config, check_options, require, check_writable, run_main, write_text_atomic,  # noqa: E402
+                      lock_out_dir)
 from train_prm import to_processbench  # noqa: E402
 
 
@@ -194,6 +195,7 @@ def main(argv=None):
     check_options(cfg, AT_LEAST)
     require(cfg.flaw_scale >= 0, f"--flaw_scale must be >= 0, got {cfg.flaw_scale}")
     check_writable(cfg.out_dir)
+    lock_out_dir(cfg.out_dir)   # two prepares writing one world would interleave its files
     base = task.WorldConfig()
     flawed = {f"p_{f}": getattr(base, f"p_{f}") * cfg.flaw_scale for f in task.FLAWS if f != "clean"}
     out = prepare(cfg, dataclasses.replace(base, **flawed))
