@@ -491,8 +491,11 @@ class PRM(nn.Module):
         ℓ^op_t: the lowest log-probability of the step's operand digits, each among the digits
         alone (step_surprise with digits): it asks which number comes, not whether the words
         around it lead to one, so it checks an operand against the question's state (a number
-        misread, a step built on the wrong value) whatever the voice. Its LM loss reads the
-        approved steps' operands as well as their results. The LM
+        misread, a step built on the wrong value), the policy's most frequent error. Its LM loss
+        reads the approved steps' operands as well as their results. Why it is not the default:
+        which operand comes next depends on what kind of line this is (a check repeats the last
+        step, an aside picks any numbers) and on how many steps the question has, both read from
+        words and lengths a shifted set changes; which result comes depends on the operands alone. The LM
         head trains end to end with the reward head, and train_prm.py adds a language-model loss
         on the same tokens of the steps the expert approved, which keeps the head sharp (a frozen
         copy of the policy, the other way, costs a second model). a starts at 1: a lone scalar
