@@ -101,6 +101,7 @@ class PRMConfig:
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
     scramble: float = 0.5          # share of training records whose words are made up anew (ours; 0: none)
+    misread: float = 0.0           # share of training records copied with one operand misread (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
                                    # | numbers (ours: the result, and the operands' digits as a second term)
     lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
@@ -299,6 +300,49 @@ def scrambled(record, rng):
 
 
 
+def misread_line(line, rng):
+    """The line with one operand of its last computation replaced by another digit and the
+    result recomputed ('7 + 3 = 10' -> '7 + 5 = 12'); None when the result would be negative."""
+    m = list(task.STEP_RE.finditer(line))[-1]
+    new = {1: int(m[1]), 3: int(m[3])}
+    side = rng.choice((1, 3))
+    new[side] = rng.choice([v for v in range(1, 10) if v != new[side]])
+    c = task.apply_op(m[2], new[1], new[3])
+    if c < 0:
+        return None
+    return line[:m.start(1)] + str(new[1]) + line[m.end(1):m.start(3)] + str(new[3]) \
+        + line[m.end(3):m.start(4)] + str(c) + line[m.end(4):]
+
+
+def misread(record, target, rng):
+    """A copy of the record in which one approved computation line takes a wrong operand and
+    keeps right arithmetic ('7 + 3 = 10' -> '7 + 5 = 12'), judged wrong by the expert: its step
+    target is 0, every other target the record's own, the trajectory's not read (ours).
+    None when no line can be misread.
+
+    Why: the teacher's slips are wrong results, so its records never show the policy's most
+    frequent error, a number taken from the wrong place with the arithmetic right; a PRM that
+    never read one rates it by its right result.
+    """
+    lines = [str(x) for x in record["thinking"]]
+    where = [k for k, line in enumerate(lines) if k < len(target["step"]) and target["step"][k] >= 0.5
+             and task.STEP_RE.search(line) and not task.FIX_RE.search(line)
+             and task.judge(record["question"], lines[:k], line) == 1.0]
+    rng.shuffle(where)
+    for k in where:
+        line = misread_line(lines[k], rng)
+        if line and task.judge(record["question"], lines[:k], line) == 0.0:   # not a right step by chance
+            break
+    else:
+        return None
+    step = list(target["step"])
+    step[k] = 0.0
+    approved = list(target["approved"])
+    if k < len(approved):
+        approved[k] = False
+    return ({**record, "id": f"{record.get('id', '')}-misread", "thinking": lines[:k] + [line] + lines[k + 1:]},
+            {**target, "step": step, "final": float("nan"), "approved": approved})
+
 
 def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
     """Training tensors (N, L): ids, checked_of, step and final targets (NaN where nothing is read),
@@ -419,6 +463,10 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
         torch.distributed.broadcast_object_list(obj, src=0)
     records, targets = obj[0]
     rng = random.Random(cfg.seed)
+    if cfg.misread and cfg.labels == "fused":   # the expert's verdict is what the fused labels gate on
+        extra = [misread(r, t, rng) for r, t in zip(records, targets) if rng.random() < cfg.misread]
+        extra = [x for x in extra if x is not None]
+        records, targets = records + [r for r, _ in extra], targets + [t for _, t in extra]
     records = [scrambled(r, rng) if rng.random() < cfg.scramble else r for r in records]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
     prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout, cfg.checked)

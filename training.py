@@ -113,7 +113,7 @@ RANGES = {
     "lr": "(0, inf)", "min_lr": "[0, inf)", "weight_decay": "[0, inf)", "grad_clip": "(0, inf)",
     "dropout": "[0, 1)", "template_frac": "[0, 1)", "temperature": "(0, inf)", "sample_temperature": "(0, inf)",
     "beta": "[0, 1]", "alpha": "[0, inf)", "clip_eps": "(0, 1)", "clip_high": "[0, inf)", "kl_coef": "[0, inf)",
-    "tau": "(0, inf)", "judge_noise": "[0, 1]", "scramble": "[0, 1]", "lm_coef": "[0, inf)",
+    "tau": "(0, inf)", "judge_noise": "[0, 1]", "scramble": "[0, 1]", "misread": "[0, 1]", "lm_coef": "[0, inf)",
     "lam_step": "[0, inf)", "lam_final": "[0, inf)", "threshold": "(-inf, 1]", "flaw_scale": "[0, inf)",
 }
 

@@ -505,3 +505,23 @@ def test_scrambled_records_keep_the_arithmetic_and_change_every_word():
     # one made-up word per word, throughout the record: '=' is one word wherever it stands
     eq = out["thinking"][2].split()[4]
     assert out["response"][0].split()[4] == eq == out["response"][1].split()[4]
+
+
+def test_a_misread_copy_has_one_wrong_operand_and_right_arithmetic():
+    import random
+    rec = {"question": "3 + 4 * 2", "answer": 11, "thinking": ["let me see", "first, 4 * 2 gives 8", "then 3 + 8 = 11",
+                                                                "so the answer is 11"],
+           "response": ["1. 4 * 2 = 8", "2. 3 + 8 = 11", "Answer: 11"]}
+    target = {"step": [0.8, 0.95, 0.9, 0.9], "response": [1.0, 1.0, 1.0], "final": 0.75, "approved": [True] * 7}
+    for seed in range(20):
+        out, t = train_prm.misread(rec, target, random.Random(seed))
+        changed = [k for k, (a, b) in enumerate(zip(rec["thinking"], out["thinking"])) if a != b]
+        assert len(changed) == 1 and changed[0] in (1, 2), "one computation line, never the opener or conclusion"
+        k = changed[0]
+        m = task.STEP_RE.search(out["thinking"][k])
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        assert task.apply_op(op, a, b) == c and task.judge(rec["question"], out["thinking"][:k], out["thinking"][k]) == 0.0
+        assert t["step"][k] == 0.0 and [x for j, x in enumerate(t["step"]) if j != k] == [x for j, x in enumerate(target["step"]) if j != k]
+        assert t["approved"][k] is False and t["final"] != t["final"] and out["response"] == rec["response"]
+    # nothing to misread: no approved computation line
+    assert train_prm.misread({**rec, "thinking": ["let me see"]}, {**target, "step": [0.8]}, random.Random(0)) is None
