@@ -36,9 +36,10 @@ from types import SimpleNamespace
 
 import torch
 
+from files import check_writable, write_text_atomic
 from model import GPT, GPTConfig
-from training import (make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable,
-                      run_main, write_text_atomic)
+from options import parse_config, print_config, check_options, require, run_main
+from training import make_optimizer, pick_device
 from rfprm import PRM, score_batch_size
 
 
@@ -79,7 +80,7 @@ SMOKE = dict(matmul_sizes="256,512", threads=1, hf=False, repeats=1, warmup=1, t
              gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2, prm_rows=2)
 AT_LEAST = dict(matmul_repeats=1, threads=0, repeats=1, warmup=0, train_steps=1, n_layer=1, n_head=1, n_embd=1,
                 block_size=2, vocab_size=1, batch_size=1, default_batch_size=1, gen_batch=1, prompt_len=1,
-                new_tokens=1, prm_batch=1, prm_rows=0)  # training.check_options
+                new_tokens=1, prm_batch=1, prm_rows=0)  # options.check_options
 
 
 RESULT_SHARE = 0.25   # prm_tok_s: 2 of every 8 tokens are a step's result, read by the surprise term

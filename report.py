@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import grpo
 import select_data
 import sft
-import train_prm
+import processbench
 import tts
-from training import run_main, parse_config, write_text_atomic, BadInput
+from files import write_text_atomic, BadInput
+from options import run_main, parse_config
 
 
 def sft_table(res, path):
@@ -39,8 +40,8 @@ def sft_table(res, path):
 
 def prm_table(pb, path):
     note = f"{pb['n_eval']} held-out records; seconds per PRM: " + ", ".join(f"{k} {v:.0f}" for k, v in pb["seconds"].items())
-    tables = [train_prm.format_table(pb["rows"], "records' voice")]
-    tables += [train_prm.format_table(rows, name) for name, rows in pb.get("shifted", {}).items()]
+    tables = [processbench.format_table(pb["rows"], "records' voice")]
+    tables += [processbench.format_table(rows, name) for name, rows in pb.get("shifted", {}).items()]
     return "\n".join(tables), note
 
 

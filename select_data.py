@@ -67,12 +67,16 @@ from dataclasses import dataclass, asdict
 import torch
 
 import sft
+import files
 import training
 import task
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, format_accuracy
-from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
-                      print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options, lock_out_dir,
-                      check_writable, run_main, load_cache, BadInput, map_in_processes, mean_std)
+from files import (file_digest, read_jsonl, write_json_atomic, save_checkpoint, lock_out_dir, check_writable,
+                   load_cache, BadInput)
+from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer
+from options import format_eta, parse_config, print_config, check_options, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint
+from evaluate import accuracy, format_accuracy, mean_std
+from training import pick_device, map_in_processes
 from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS, records_that_fit
 
 
@@ -108,7 +112,7 @@ class SelectConfig:
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000, workers=1)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, workers=1, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
-# the smallest value of each size (training.check_options); 0 batches would loop forever
+# the smallest value of each size (options.check_options); 0 batches would loop forever
 AT_LEAST = dict(k=1, seeds=1, workers=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
@@ -219,8 +223,8 @@ def select(key, records, scores, k, seed, hidden_meta=None):
 
     ReasonFlux-PRM (ours, accepted_k): a record is accepted when the PRM scores every step of it
     at least ½, the midpoint between the label of a wrong step (0) and of a right one (¾ or more,
-    rfprm.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
-    plan that helps the policy as much as no plan (rfprm.relative_final); α = 0 (rf_step) reads
+    rewards.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
+    plan that helps the policy as much as no plan (rewards.relative_final); α = 0 (rf_step) reads
     the steps only. rf_top_k is the paper's top-K by the total; each key of AGGREGATED, the top-K
     by its aggregation of the same scores.
     """
@@ -404,7 +408,7 @@ def text_bars(summary, width=40):
 
 def save_figure(summary, path):
     """Bar chart of accuracy (mean ± std over seeds) per selector; False without matplotlib."""
-    plt = training.pyplot()
+    plt = files.pyplot()
     if plt is None:
         return False
     names = [s["name"] for s in summary.values()]
@@ -415,7 +419,7 @@ def save_figure(summary, path):
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
     ax.set_title("students trained on each selector's top-K (grey: upper bound)", fontsize=9)
-    return training.save_png(fig, path, dpi=120)
+    return files.save_png(fig, path, dpi=120)
 
 
 def checks(summary):
@@ -462,7 +466,7 @@ def main(argv=None):
                 raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
             load_prm(path, "cpu") if kind == "prm" else load_checkpoint(path, kind=kind)  # and one that is no PRM
     device = pick_device(cfg.device)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
     check_never_trained_on(start_ckpt, cfg.init, cfg.data)
     block_size = start_ckpt["model_args"]["block_size"]

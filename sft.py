@@ -15,7 +15,7 @@ student start from it, so distilled data teaches reasoning rather than arithmeti
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
 by number of operations. Other scripts call `train_policy(records, cfg)` to train a
-student under a fixed budget and `model.accuracy(...)` to score it.
+student under a fixed budget and `evaluate.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
@@ -30,14 +30,15 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
-                   encode_completion)
-from training import (read_lines, file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
-                      pick_device, parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
-                      make_optimizer, train, pack, lm_batch_loss, target_lengths, check_options, require,
-                      check_writable, run_main, BadInput, lock_out_dir, check_resume, given_options,
-                      SHAPE_OPTIONS)
-from model import accuracy, format_accuracy
+from files import (read_lines, file_digest, save_checkpoint, read_jsonl, write_json_atomic, check_writable,
+                   BadInput, lock_out_dir)
+from tokenizer import (Tokenizer, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
+                       encode_completion)
+from model import GPT, GPTConfig
+from options import parse_config, print_config, check_options, require, run_main, given_options
+from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume, SHAPE_OPTIONS
+from evaluate import accuracy, format_accuracy
+from training import pick_device, init_distributed, make_optimizer, train, pack, lm_batch_loss, target_lengths
 
 
 @dataclass
@@ -90,11 +91,11 @@ PRETRAIN = dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps
 SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_questions=16,
              log_every=5, ckpt_every=10, warmup_steps=5)
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
-# the smallest value of each size (training.check_options), and the values of a choice
+# the smallest value of each size (options.check_options), and the values of a choice
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
                 eval_questions=0, log_every=1, ckpt_every=1, stop_at=0, snapshot_step=0)
 CHOICES = dict(subset=("all", "clean"))
-# what a resume may change (training.check_resume): where and how often it writes, when it stops,
+# what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes what is trained
 RESUME_FREE = {"out_dir", "resume", "stop_at", "max_steps", "log_every", "ckpt_every", "snapshot_step",
                "snapshot_dir", "test", "eval_questions", "sample_temperature", "device", "compile", "preset",
@@ -172,7 +173,7 @@ def train_policy(records, cfg, device="cpu", log=print):
     Returns (model, {"tokens": target tokens seen, "loss": final loss}). Used by select_data.py.
     """
     torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     model = new_model(cfg, tok, device)
     X, Y = pack(build_examples(records, tok, cfg.template_frac, cfg.seed), model.config.block_size, tok.eot)
     info = train(model, lm_batch_loss(X, Y, device), target_lengths(Y), cfg, device, log=log)
@@ -209,7 +210,7 @@ def main(argv=None):
     if rank == 0:
         print_config(cfg)
     torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 

@@ -27,7 +27,7 @@ is then its mean over size-N subsets of those N_max samples: all of them when th
 most `n_subsets` (exact), otherwise `n_subsets` random subsets per question (Monte Carlo).
 All choosers see the same subsets, so their differences carry less noise than their levels.
 Ties are broken deterministically: the lowest sample index wins (for votes: the answer
-seen first). A sample's answer is read from its response (`Answer: N`), as model.accuracy does.
+seen first). A sample's answer is read from its response (`Answer: N`), as evaluate.accuracy does.
 
 Where this departs from the paper:
   * the policy and the PRMs are the small models the earlier stages trained, on held-out
@@ -51,11 +51,13 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-import training
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_completions, format_eta
-from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
-                      read_jsonl, write_json_atomic, check_options, require, check_writable, run_main, lock_out_dir,
-                      skip_long_prompts, BadInput)
+import files
+from files import read_jsonl, write_json_atomic, check_writable, lock_out_dir, skip_long_prompts, BadInput
+from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record
+from options import format_eta, parse_config, print_config, check_options, require, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint
+from evaluate import generate_completions
+from training import pick_device, pack
 from rfprm import load_prm, untrained_scorer, aggregate, AGGREGATIONS
 
 
@@ -84,7 +86,7 @@ class TTSConfig:
 GPU = dict(n_questions=1000, n_samples=64, ns="1,2,4,8,16,32,64")  # a tighter curve, one more N
 SMOKE = dict(n_questions=8, n_samples=8, ns="1,2,4,8", n_subsets=50, max_new_tokens=48, batch_size=64)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
-AT_LEAST = dict(n_questions=1, n_samples=1, n_subsets=1, max_new_tokens=1, batch_size=1)  # training.check_options
+AT_LEAST = dict(n_questions=1, n_samples=1, n_subsets=1, max_new_tokens=1, batch_size=1)  # options.check_options
 
 SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
 WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
@@ -348,7 +350,7 @@ def text_plot(curves, ns, height=14):
 
 def save_figure(curves, ns, path):
     """Accuracy against N (log2 axis) as a PNG; False when matplotlib is not importable."""
-    plt = training.pyplot()
+    plt = files.pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -360,7 +362,7 @@ def save_figure(curves, ns, path):
     ax.set_xlabel("N (samples per question)")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
-    return training.save_png(fig, path, dpi=120)
+    return files.save_png(fig, path, dpi=120)
 
 
 def checks(curves, per_question, ns):
@@ -399,7 +401,7 @@ def main(argv=None):
     check_sizes(ns, cfg.n_samples)  # before minutes of sampling
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     questions = read_jsonl(cfg.test, ("question", "answer"))[:cfg.n_questions]
     prm_paths = {name: getattr(cfg, opt) for name, opt in SCORERS.items() if getattr(cfg, opt) or name == WEIGHTS}
     for name, p in prm_paths.items():  # fail now, not after the sampling
