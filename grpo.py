@@ -63,10 +63,9 @@ import time
 from dataclasses import dataclass, asdict, replace
 
 import torch
-import torch.nn.functional as F
 
-import task
 import files
+import task
 import training
 from files import save_checkpoint, read_jsonl, write_json_atomic, check_writable, BadInput, lock_out_dir
 from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record
@@ -75,7 +74,7 @@ from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint,
 from evaluate import generate_and_verify, accuracy, mean_std
 from training import pick_device, map_in_processes
 from rfprm import load_prm, prm_total, total_range
-from grpo_objective import group_advantages, process_advantages, optimise
+from grpo_objective import token_tables, advantages_for, optimise
 
 
 @dataclass
@@ -149,58 +148,6 @@ RESUME_FREE = {"out_dir", "resume", "max_steps", "test", "variants", "seeds", "w
 # rewards
 
 
-def token_tables(tok, vocab_size):
-    """Per token id: does it contain a newline, is it blank (what split_completion drops)."""
-    newline = torch.zeros(vocab_size, dtype=torch.bool)
-    blank = torch.ones(vocab_size, dtype=torch.bool)
-    for i in range(min(vocab_size, tok.eot)):  # once: the ordinary tokens
-        s = tok.enc.decode([i], errors="replace")
-        newline[i], blank[i] = "\n" in s, not s.strip()
-    return newline, blank
-
-
-def thinking_step_ends(Y, tok, tables):
-    """(B, T) True at the token that ends each non-blank thinking line, as split_completion splits them.
-
-    A line ends at a newline token or at <|/think|>; a line with no visible character is not a
-    step (split_completion drops it). Y is a target tensor (−1 outside the completion).
-    """
-    newline, blank = tables
-    ids, mask = Y.clamp(min=0), Y >= 0
-    is_end_think = (Y == tok.end_think)
-    in_think = mask & (is_end_think.long().cumsum(1) - is_end_think.long() == 0)   # up to </think> included
-    brk = in_think & (newline[ids] | is_end_think)
-    content = (in_think & ~blank[ids] & ~is_end_think).long().cumsum(1)              # visible tokens so far
-    at_last_break = torch.where(brk, content, 0).cummax(1).values
-    before = F.pad(at_last_break[:, :-1], (1, 0))                                    # at the previous break
-    return brk & (content > before)
-
-
-def process_inputs(Y, scores, alpha, tok, tables):
-    """Step rewards, positions and mask (B, S+1) for process_advantages, from PRM scores of each row.
-
-    Thinking step j's score goes to the token ending line j (a line without an end, e.g. cut by
-    max_new_tokens, to the last token); α·R_φ(trajectory) to the last completion token.
-    """
-    B, T = Y.shape
-    S = max(1, max(len(s["step"]) for s in scores))
-    ar = torch.arange(T).expand(B, T)
-    last = torch.where(Y >= 0, ar, -1).max(1).values                     # (B,)
-    ends = thinking_step_ends(Y, tok, tables)
-    pos = torch.where(ends, ar, T).sort(1).values[:, :S]                 # first S line ends, T = none
-    if pos.size(1) < S:
-        pos = F.pad(pos, (0, S - pos.size(1)), value=T)
-    pos = torch.where(pos == T, last[:, None], pos)
-    r = torch.zeros(B, S)
-    n = torch.tensor([len(s["step"]) for s in scores])
-    for i, s in enumerate(scores):  # padding a ragged list once per step
-        r[i, :len(s["step"])] = torch.tensor(s["step"], dtype=torch.float)
-    traj = torch.tensor([alpha * s["trajectory"] for s in scores])
-    step_mask = torch.arange(S)[None] < n[:, None]
-    return (torch.cat([r, traj[:, None]], 1), torch.cat([pos, last[:, None]], 1),
-            torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
-
-
 def expert_step_scores(records, scores):
     """The PRM's scores with every thinking and response step relabelled by the expert (task.judge):
     a perfect step checker in the PRM's place, to measure what checking steps can add to the reward."""
@@ -226,19 +173,6 @@ def reward_batch(tok, comps, qs, right, prm, cfg):
     elif cfg.reward != "rule":
         raise ValueError(f"--reward must be rule, prm or mix; got {cfg.reward!r}")
     return out
-
-
-def advantages_for(Y, rew, tok, tables, cfg):
-    """Outcome advantages (B,), or with process supervision per-token advantages (B, T)."""
-    if not cfg.process:
-        return group_advantages(rew["reward"], cfg.group_size, cfg.scale_std)
-    if rew["scores"] is None:
-        raise ValueError("--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
-    r, pos, m = process_inputs(Y, rew["scores"], cfg.alpha, tok, tables)
-    a_proc = process_advantages(r, pos, m, cfg.group_size, Y.size(1), cfg.scale_std)
-    beta = 1.0 if cfg.reward == "prm" else cfg.beta
-    a_rule = group_advantages(rew["rule"], cfg.group_size, cfg.scale_std)
-    return (1 - beta) * a_rule[:, None] + beta * a_proc
 
 
 # ----------------------------------------------------------------------------
@@ -296,18 +230,11 @@ def format_row(row, max_steps, rate):
             f"eta {format_eta(rate * (max_steps - row['step']))}")
 
 
-def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
-    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
+def resume_state(cfg, model, optimizer, tok, device):
+    """(start step, metrics rows so far): from the checkpoint in cfg.out_dir on --resume (its rows up
+    to its step; those logged after it are replayed), else a fresh start and a fresh log."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
-    model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
-    ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
-    optimizer = training.make_optimizer(model, cfg, device)
-    tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
-    final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
-
     start, history = 0, []
     if cfg.resume and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
@@ -319,6 +246,37 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         print(f"resuming from {ckpt_path} at step {start}")
     with open(metrics_path, "w") as f:   # a fresh run starts a fresh log; a resumed one keeps steps before it
         f.writelines(json.dumps(r) + "\n" for r in history)
+    return start, history
+
+
+def grpo_step(model, ref_model, optimizer, tok, questions, prm, tables, cfg, step, device):
+    """One GRPO step: 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective.
+    Returns (questions, completions, rewards, optimise's stats, lr); a non-finite loss or gradient
+    stops the run before the step is logged or saved."""
+    lr = training.get_lr(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    qs, prompts, comps, right = rollout(model, tok, questions, cfg, step, device)
+    rew = reward_batch(tok, comps, qs, right, prm, cfg)
+    X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
+    adv = advantages_for(Y, rew, tok, tables, cfg)
+    stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
+    if not (torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])):
+        raise training.non_finite(step)   # before the step is logged or saved
+    return qs, comps, rew, stats, lr
+
+
+def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
+    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+    model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
+    ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
+    optimizer = training.make_optimizer(model, cfg, device)
+    tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
+    final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
+    start, history = resume_state(cfg, model, optimizer, tok, device)
 
     def log_metrics(row):
         history.append(row)
@@ -333,18 +291,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
     t0 = time.time()
     for step in range(start, cfg.max_steps):
-        lr = training.get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective
-        qs, prompts, comps, right = rollout(model, tok, questions, cfg, step, device)
-        rew = reward_batch(tok, comps, qs, right, prm, cfg)
-        X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
-        adv = advantages_for(Y, rew, tok, tables, cfg)
-        stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
-        if not (torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])):
-            raise training.non_finite(step)   # before the step is logged or saved
-
+        qs, comps, rew, stats, lr = grpo_step(model, ref_model, optimizer, tok, questions, prm, tables, cfg, step, device)
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             row = log_row(step + 1, rew, comps, stats, cfg.group_size, lr)
             log_metrics(row)
@@ -356,14 +303,19 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
             log_metrics({"step": step + 1, "test_acc": acc})
             print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, greedy)")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
-                                                       optimizer=optimizer.state_dict(), step=step + 1))
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(
+                "policy", model, tok.enc, asdict(cfg), optimizer=optimizer.state_dict(), step=step + 1))
 
     final = accuracy(model, tok, final_qs)
     if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
         log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
+    return finish_run(cfg, history, start_eval, final, len(final_qs), t0)
+
+
+def finish_run(cfg, history, start_eval, final, n_final, t0):
+    """A run's line, results.json and figure; returns its results dict."""
     print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
-          f"({len(final_qs)} questions, greedy), {time.time() - t0:.0f}s")
+          f"({n_final} questions, greedy), {time.time() - t0:.0f}s")
     result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
               "seconds": time.time() - t0, "config": asdict(cfg)}
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"), result)
@@ -486,15 +438,10 @@ def one_run(cfg, tok, questions, test, start_eval):
     return res, read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), ())
 
 
-def main(argv=None):
-    cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST, CHOICES)
-    check_writable(cfg.out_dir)
-    print_config(cfg)
-    device = pick_device(cfg.device)
-    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
-    questions = read_jsonl(cfg.questions, ("question", "answer"))
-    test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
+def checked_runs(cfg, tok, device):
+    """(variant specs, every run's config): --variants and --seeds as runs, each
+    checked now: a resume that would train something else, a bad starting policy, a PRM that is
+    missing or no PRM fail before out_dir is made."""
     specs = [s for s in cfg.variants.split(",") if s.strip()]
     runs = [parse_variant(s, cfg) for s in specs] if specs else [cfg]
     require(not any(r.process and r.reward == "rule" for r in runs),
@@ -511,11 +458,12 @@ def main(argv=None):
         if not os.path.exists(cfg.prm):
             raise FileNotFoundError(f"no PRM at {cfg.prm!r}: train it with train_prm.py, or use --reward=rule")
         load_prm(cfg.prm, device)   # a file that is not a PRM fails now
-    lock_out_dir(cfg.out_dir)
-    if not specs and cfg.seeds == 1:   # one run, straight into out_dir
-        return one_run(cfg, tok, questions, test, None)[0]
+    return specs, jobs
 
-    # several runs: out_dir/<variant>/seed<k>/, the starting policy evaluated once
+
+def compare(cfg, jobs, tok, questions, test, device):
+    """Several runs, out_dir/<variant>/seed<k>/, from the starting policy evaluated once: the table
+    (mean ± std over seeds), the curves, results.json and the figure. Returns the summary."""
     start_eval = accuracy(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
                           tok, test[:cfg.final_questions])
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
@@ -532,6 +480,22 @@ def main(argv=None):
     if save_figure(histories, os.path.join(cfg.out_dir, "grpo.png")):
         print(f"figure: {cfg.out_dir}/grpo.png")
     return summary
+
+
+def main(argv=None):
+    cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, CHOICES)
+    check_writable(cfg.out_dir)
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
+    questions = read_jsonl(cfg.questions, ("question", "answer"))
+    test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
+    specs, jobs = checked_runs(cfg, tok, device)
+    lock_out_dir(cfg.out_dir)
+    if not specs and cfg.seeds == 1:   # one run, straight into out_dir
+        return one_run(cfg, tok, questions, test, None)[0]
+    return compare(cfg, jobs, tok, questions, test, device)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ grpo_objective: what GRPO optimises (grpo.py runs it), with the equations of grp
   process advantages, a reward-to-go of per-step rewards (`process_advantages`);
 * `grpo_loss`: the clipped surrogate with the k3 KL against the reference policy, per token;
 * `token_logprobs`: log-probabilities of given tokens at the sampling temperature (the ratio and KL);
-* `optimise`: μ passes over a rollout batch, one AdamW step each, in chunks of similar lengths.
+* `optimise`: μ passes over a rollout batch, one AdamW step each, in chunks of similar lengths;
+* `advantages_for`: a batch's advantages from its rewards, per token with process supervision
+  (`process_inputs`: a thinking line's score at the token that ends it, `thinking_step_ends`).
 """
 
 import math
@@ -171,3 +173,72 @@ def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
     return {"loss": loss, "entropy": entropy, "grad_norm": gnorm, **stats}
+
+
+# ----------------------------------------------------------------------------
+# advantages from the rewards: outcome, or per step (process supervision)
+
+
+def token_tables(tok, vocab_size):
+    """Per token id: does it contain a newline, is it blank (what split_completion drops)."""
+    newline = torch.zeros(vocab_size, dtype=torch.bool)
+    blank = torch.ones(vocab_size, dtype=torch.bool)
+    for i in range(min(vocab_size, tok.eot)):  # once: the ordinary tokens
+        s = tok.enc.decode([i], errors="replace")
+        newline[i], blank[i] = "\n" in s, not s.strip()
+    return newline, blank
+
+
+def thinking_step_ends(Y, tok, tables):
+    """(B, T) True at the token that ends each non-blank thinking line, as split_completion splits them.
+
+    A line ends at a newline token or at <|/think|>; a line with no visible character is not a
+    step (split_completion drops it). Y is a target tensor (−1 outside the completion).
+    """
+    newline, blank = tables
+    ids, mask = Y.clamp(min=0), Y >= 0
+    is_end_think = (Y == tok.end_think)
+    in_think = mask & (is_end_think.long().cumsum(1) - is_end_think.long() == 0)   # up to </think> included
+    brk = in_think & (newline[ids] | is_end_think)
+    content = (in_think & ~blank[ids] & ~is_end_think).long().cumsum(1)              # visible tokens so far
+    at_last_break = torch.where(brk, content, 0).cummax(1).values
+    before = F.pad(at_last_break[:, :-1], (1, 0))                                    # at the previous break
+    return brk & (content > before)
+
+
+def process_inputs(Y, scores, alpha, tok, tables):
+    """Step rewards, positions and mask (B, S+1) for process_advantages, from PRM scores of each row.
+
+    Thinking step j's score goes to the token ending line j (a line without an end, e.g. cut by
+    max_new_tokens, to the last token); α·R_φ(trajectory) to the last completion token.
+    """
+    B, T = Y.shape
+    S = max(1, max(len(s["step"]) for s in scores))
+    ar = torch.arange(T).expand(B, T)
+    last = torch.where(Y >= 0, ar, -1).max(1).values                     # (B,)
+    ends = thinking_step_ends(Y, tok, tables)
+    pos = torch.where(ends, ar, T).sort(1).values[:, :S]                 # first S line ends, T = none
+    if pos.size(1) < S:
+        pos = F.pad(pos, (0, S - pos.size(1)), value=T)
+    pos = torch.where(pos == T, last[:, None], pos)
+    r = torch.zeros(B, S)
+    n = torch.tensor([len(s["step"]) for s in scores])
+    for i, s in enumerate(scores):  # padding a ragged list once per step
+        r[i, :len(s["step"])] = torch.tensor(s["step"], dtype=torch.float)
+    traj = torch.tensor([alpha * s["trajectory"] for s in scores])
+    step_mask = torch.arange(S)[None] < n[:, None]
+    return (torch.cat([r, traj[:, None]], 1), torch.cat([pos, last[:, None]], 1),
+            torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
+
+
+def advantages_for(Y, rew, tok, tables, cfg):
+    """Outcome advantages (B,), or with process supervision per-token advantages (B, T)."""
+    if not cfg.process:
+        return group_advantages(rew["reward"], cfg.group_size, cfg.scale_std)
+    if rew["scores"] is None:
+        raise ValueError("--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
+    r, pos, m = process_inputs(Y, rew["scores"], cfg.alpha, tok, tables)
+    a_proc = process_advantages(r, pos, m, cfg.group_size, Y.size(1), cfg.scale_std)
+    beta = 1.0 if cfg.reward == "prm" else cfg.beta
+    a_rule = group_advantages(rew["rule"], cfg.group_size, cfg.scale_std)
+    return (1 - beta) * a_rule[:, None] + beta * a_proc

@@ -21,17 +21,17 @@ in out/, seed n's in out/seed<n>/out, as run.sh writes them), then its mean ± s
 
 import json
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 
 import grpo
+import processbench
 import select_data
 import sft
-import processbench
 import tts
 from files import write_text_atomic, BadInput
 from options import run_main, parse_config
+from evaluate import mean_std
 
 
 def sft_table(res, path):
@@ -229,8 +229,9 @@ def format_trends(per_seed):
         cells = ["—" if v is None else f"{v[0]:+.1f} (se {v[1]:.1f})" if isinstance(v, (tuple, list)) else fmt(v)
                  for v in vals]
         got = [v[0] if isinstance(v, (tuple, list)) else v for v in vals if v is not None]
-        spread = fmt(statistics.stdev(got)) if len(got) > 1 else "—"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {fmt(statistics.fmean(got))} ± {spread} |")
+        mean, std = mean_std(got)
+        spread = fmt(std) if len(got) > 1 else "—"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {fmt(mean)} ± {spread} |")
     return "\n".join(lines)
 
 

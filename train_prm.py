@@ -54,16 +54,16 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-import task
 import files
+import task
 import training
 from files import (save_checkpoint, read_jsonl, check_writable, skip_long_prompts, record_names, BadInput,
                    lock_out_dir)
-from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer, encode_prompt
+from tokenizer import DEFAULT_VOCAB, encode_prompt
 from model import GPTConfig
-from options import parse_config, print_config, check_options, require, run_main
+from options import parse_config, check_options, require, run_main
 from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume
-from training import pick_device, init_distributed
+from training import start_run, wrap_for_training, end_run
 from rewards import targets_for
 from rfprm import (PRM, encode_for_prm, batch_of, prm_loss, untrained_scorer, prm_tokens, step_result_tokens,
                    load_prm_weights, records_that_fit)
@@ -214,7 +214,7 @@ def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
 
 def fact_stream(path, tok):
     """The facts file as one token stream and, per position, whether the next token states a
-    result (task.result_span): the LM targets of fact rows."""
+    result (rfprm.result_span): the LM targets of fact rows."""
     ids, is_result = [], []
     nl = tok.enc.encode_ordinary("\n")
     for line in files.read_lines(path):   # once, before training
@@ -323,9 +323,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
             save_checkpoint(ckpt_path, make_checkpoint("prm", prm, tok.enc, asdict(cfg), mode=mode,
                                                        readout=cfg.readout, checked=cfg.checked, optimizer=opt.state_dict(), step=step))
 
-    model = torch.compile(prm) if cfg.compile else prm
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    model = wrap_for_training(prm, cfg.compile, world)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     if start == 0 and rank == 0 and os.path.exists(metrics):
         os.remove(metrics)
@@ -384,24 +382,21 @@ def variant_config(cfg, suffix, over):
     return PRMConfig(**{**asdict(cfg), **over, "out_dir": cfg.out_dir.rstrip("/") + suffix})
 
 
-def main(argv=None):
-    cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST, CHOICES)
-    if cfg.processbench:   # a trained PRM scores files: no reward design, no training
-        require(not cfg.eval and not cfg.rows, "--processbench scores files with a trained PRM (--prm) and "
-                                               "trains nothing: drop --eval and --rows")
-        return score_processbench(cfg)
+def chosen_rows(cfg):
+    """The rows this run trains and scores (all of --rows with --eval, else ReasonFlux-PRM alone),
+    its options checked and its output folders writable, before any work."""
     require(cfg.threshold < 0, "--threshold is read by --processbench only")
     if cfg.rows and not cfg.eval:
         raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work
     check_writable(cfg.cache_dir, *(cfg.out_dir.rstrip("/") + suffix for _, suffix, _ in variants))
-    device = pick_device(cfg.device)
-    rank, world, device = init_distributed(device)
-    if rank == 0:
-        print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
+    return variants
+
+
+def read_inputs(cfg, tok):
+    """(training records, questions for policy samples, {name: evaluation records}), each record's
+    prompt within both checkpoints' contexts; a bad facts file fails now, not after minutes of
+    reward design."""
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
     records, questions = records[:cfg.n_train], records[cfg.n_train:]   # the rest: questions for policy samples
     # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
@@ -409,51 +404,77 @@ def main(argv=None):
                      for p in (cfg.policy, cfg.init or cfg.policy))
     eval_sets = {name: records_that_fit(rs, tok, block_size, what=f"{name} records")   # the PRMs read them whole
                  for name, rs in (read_eval_sets(cfg) if cfg.eval else {}).items()}
-    eval_records = next(iter(eval_sets.values()), [])
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
     questions = skip_long_prompts(questions[:cfg.policy_samples],
                                   [len(encode_prompt(tok, r["question"])) for r in questions[:cfg.policy_samples]],
                                   block_size, "questions for policy samples")
     require(records, f"{cfg.data}: no record fits the policy's context")
     if cfg.fact_rows:
-        files.read_lines(cfg.facts)   # a bad facts file fails now, not after minutes of reward design
-    for _, suffix, over in variants:    # and so does a resume that would train something else
+        files.read_lines(cfg.facts)
+    return records, questions, eval_sets
+
+
+def check_resumes(cfg, variants, tok):
+    """A resume that would train something else fails now, for every row, before any work."""
+    for _, suffix, over in variants:
         vcfg = variant_config(cfg, suffix, over)
         ckpt_path = vcfg and os.path.join(vcfg.out_dir, "ckpt.pt")
         if vcfg and vcfg.resume and os.path.exists(ckpt_path):
             check_resume(load_checkpoint(ckpt_path, kind="prm", enc=tok.enc), ckpt_path, vcfg, RESUME_FREE)
+
+
+def row_scorer(cfg, suffix, over, records, questions, tok, device, rank, world, probe):
+    """The scorer of one row: the policy itself, read as `over` says (an untrained row), or a PRM
+    trained with the row's options in its own out_dir."""
+    if isinstance(over, str):
+        return untrained_scorer(cfg.policy, cfg.tokenizer, over, device)
+    vcfg = variant_config(cfg, suffix, over)
+    os.makedirs(vcfg.out_dir, exist_ok=True)
+    if rank == 0:
+        lock_out_dir(vcfg.out_dir)
+    return train_prm(vcfg, records, questions, tok, device, rank, world, probe if suffix == "" else ())
+
+
+def add_rows(rows, all_scores, name, prm, eval_sets):
+    """Score every evaluation set with one row's scorer: its rows[set][name] and all_scores[set][name]."""
+    by_set, scores = evaluate_on_sets(prm, eval_sets)
+    for set_name in eval_sets:
+        rows.setdefault(set_name, {})[name] = by_set[set_name]
+        all_scores.setdefault(set_name, {})[name] = scores[set_name]
+        print(f"{name.strip()}, {set_name}: " +
+              ", ".join(f"{k} {v:.3f}" for k, v in by_set[set_name].items() if k != "per_flaw"))
+
+
+def main(argv=None):
+    cfg = parse_config(PRMConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, CHOICES)
+    if cfg.processbench:   # a trained PRM scores files: no reward design, no training
+        require(not cfg.eval and not cfg.rows, "--processbench scores files with a trained PRM (--prm) and "
+                                               "trains nothing: drop --eval and --rows")
+        return score_processbench(cfg)
+    variants = chosen_rows(cfg)
+    rank, world, device, tok = start_run(cfg)
+    records, questions, eval_sets = read_inputs(cfg, tok)
+    check_resumes(cfg, variants, tok)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if rank == 0:
         lock_out_dir(cfg.out_dir)
     times, all_scores, rows = {}, {}, {}   # rows[set][scorer], all_scores[set][scorer]
     # the backbone's arithmetic, measured on held-out records (the expert judges; meta is not read)
-    probe = [{k: v for k, v in r.items() if k != "meta"} for r in eval_records[:500]]
+    probe = [{k: v for k, v in r.items() if k != "meta"} for r in next(iter(eval_sets.values()), [])[:500]]
     for name, suffix, over in variants:
         t0 = time.time()
         if rank == 0:
             print(f"=== {name.strip()} ===")
-        if isinstance(over, str):   # an untrained row: the policy itself, read as `over` says
-            prm = untrained_scorer(cfg.policy, cfg.tokenizer, over, device)
-        else:
-            vcfg = variant_config(cfg, suffix, over)
-            os.makedirs(vcfg.out_dir, exist_ok=True)
-            if rank == 0:
-                lock_out_dir(vcfg.out_dir)
-            prm = train_prm(vcfg, records, questions, tok, device, rank, world, probe if suffix == "" else ())
+        prm = row_scorer(cfg, suffix, over, records, questions, tok, device, rank, world, probe)
         times[name.strip()] = time.time() - t0
         if rank == 0 and cfg.eval:
-            by_set, scores = evaluate_on_sets(prm, eval_sets)
-            for set_name in eval_sets:
-                rows.setdefault(set_name, {})[name] = by_set[set_name]
-                all_scores.setdefault(set_name, {})[name] = scores[set_name]
-                print(f"{name.strip()}, {set_name}: " +
-                      ", ".join(f"{k} {v:.3f}" for k, v in by_set[set_name].items() if k != "per_flaw"))
+            add_rows(rows, all_scores, name, prm, eval_sets)
     if rank == 0:
         print("time per row: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     if rank == 0 and cfg.eval:
         print_tables(cfg, rows, all_scores, eval_sets, times)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by torchrun
-        torch.distributed.destroy_process_group()
+    end_run()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ def start_run(cfg):
     return rank, world, device, Tokenizer(load_tokenizer(cfg.tokenizer))
 
 
+def wrap_for_training(model, compile=False, world=1):
+    """The model as the loop trains it: compiled when asked, in DDP when there are several processes."""
+    train_model = torch.compile(model) if compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
+    return train_model
+
+
 def end_run():
     """End the process group of a run launched by torchrun (nothing otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -21,10 +21,10 @@ from checkpoints import load_checkpoint
 from rewards import fuse_rewards, gated_fusion
 from rfprm import load_prm
 import grpo
+import rewards
 import select_data
 import sft
 import task
-import rewards
 import train_prm
 import tts
 

@@ -164,15 +164,15 @@ def test_step_ends_match_split_completion(smoke_data):
     lines, _ = split_completion(tok, ids)
     assert len(lines) == 3, "the blank line is not a step"
     Y = torch.tensor([[-1, -1] + ids])                         # two prompt positions
-    tables = grpo.token_tables(tok, 512)
-    ends = grpo.thinking_step_ends(Y, tok, tables)[0].nonzero().flatten().tolist()
+    tables = grpo_objective.token_tables(tok, 512)
+    ends = grpo_objective.thinking_step_ends(Y, tok, tables)[0].nonzero().flatten().tolist()
     assert len(ends) == 3 and Y[0, ends[-1]] == tok.end_think
     # each end is the last token of its line: the text decoded up to it ends the line
     for end, line in zip(ends, lines):
         text = tok.enc.decode([i for i in Y[0, 2:end + 1].tolist() if i < tok.eot])
         assert text.rstrip("\n ").endswith(line.strip())
     scores = [{"step": [0.1, 0.2, 0.3], "trajectory": 0.5}]
-    r, pos, m = grpo.process_inputs(Y, scores, alpha=1.0, tok=tok, tables=tables)
+    r, pos, m = grpo_objective.process_inputs(Y, scores, alpha=1.0, tok=tok, tables=tables)
     assert pos[0].tolist() == ends + [Y.size(1) - 1] and r[0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.5])
     assert m.all()
 
@@ -300,7 +300,7 @@ def test_expert_steps_relabel_every_step_and_keep_the_trajectory(smoke_data, smo
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(smoke_data, smoke_policy, smoke_prms,
                                                                              tmp_path, monkeypatch):
-    out, calls, optimise = tmp_path / "nan", [], grpo.optimise
+    out, calls, optimise = tmp_path / "nan", [], grpo_objective.optimise
 
     def nan_from_the_third_step(*args):
         calls.append(1)

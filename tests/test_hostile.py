@@ -20,16 +20,16 @@ import torch
 from conftest import ROOT, run_script
 from tokenizer import load_tokenizer, vocab_fingerprint
 from evaluate import generate_completions
+import files
 import grpo
+import options
+import rewards
 import rfprm
 import select_data
 import sft
 import task
-import files
-import options
-import training
-import rewards
 import train_prm
+import training
 import tts
 
 spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", "arith", "prepare.py"))
@@ -631,9 +631,9 @@ def test_a_lock_is_taken_refused_taken_over_and_released(tmp_path):
     files.release_locks()
     assert not lock.exists()
     lock.write_text(f"{os.getppid()}\n")                      # a live process's
-    with pytest.raises(training.BadInput, match="is in use by process"):
+    with pytest.raises(files.BadInput, match="is in use by process"):
         files.lock_out_dir(str(out))
-    with pytest.raises(training.BadInput, match="is in use by process"):
+    with pytest.raises(files.BadInput, match="is in use by process"):
         files.check_writable(str(out))                      # asked before any work
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout)                               # a killed run's

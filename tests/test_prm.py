@@ -15,8 +15,8 @@ from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_to
                    score_batch_size, aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
 import processbench
-import train_prm
 import task
+import train_prm
 
 
 @pytest.fixture(scope="module")

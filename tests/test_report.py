@@ -10,11 +10,11 @@ from dataclasses import asdict
 import torch
 
 import grpo
+import processbench
 import report
 import select_data
 import sft
 import task
-import processbench
 import tts
 from conftest import ROOT
 
