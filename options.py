@@ -139,7 +139,7 @@ def require(holds, message):
 def run_main(main):
     """Run a script's main(). Bad input (BadInput, or a file that cannot be read or written) ends
     as one line on stderr, `error: ...`, and exit code 2; so does a training run stopped on a
-    non-finite loss (FloatingPointError, see `non_finite`). Anything else is a bug and keeps its
+    non-finite loss (FloatingPointError, see `training.non_finite`). Anything else is a bug and keeps its
     traceback. The out_dir locks the run took are released either way."""
     try:
         main()
