@@ -25,7 +25,6 @@ project's default shape (model.GPTConfig defaults, training batch 8 as in sft.py
 One JSON line per figure on stdout and in out/bench/bench.jsonl; a table at the end.
 """
 
-import contextlib
 import json
 import os
 import resource
@@ -36,9 +35,10 @@ from types import SimpleNamespace
 
 import torch
 
+from files import check_writable, write_text_atomic
 from model import GPT, GPTConfig
-from training import (make_optimizer, parse_config, pick_device, print_config, check_options, require, check_writable,
-                      run_main, write_text_atomic)
+from options import parse_config, print_config, check_options, require, run_main
+from training import make_optimizer, pick_device, autocast_for
 from rfprm import PRM, score_batch_size
 
 
@@ -79,7 +79,7 @@ SMOKE = dict(matmul_sizes="256,512", threads=1, hf=False, repeats=1, warmup=1, t
              gen_batch=4, prompt_len=8, new_tokens=8, prm_batch=2, prm_rows=2)
 AT_LEAST = dict(matmul_repeats=1, threads=0, repeats=1, warmup=0, train_steps=1, n_layer=1, n_head=1, n_embd=1,
                 block_size=2, vocab_size=1, batch_size=1, default_batch_size=1, gen_batch=1, prompt_len=1,
-                new_tokens=1, prm_batch=1, prm_rows=0)  # training.check_options
+                new_tokens=1, prm_batch=1, prm_rows=0)  # options.check_options
 
 
 RESULT_SHARE = 0.25   # prm_tok_s: 2 of every 8 tokens are a step's result, read by the surprise term
@@ -110,11 +110,6 @@ def flops_per_token(cfg, T, train=True, prm=False):
     L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
     N = n_matmul_params(cfg, prm)
     return 6 * N + 12 * L * H * Q * T if train else 2 * N + 6 * L * H * Q * T
-
-
-def autocast(device):
-    """bf16 autocast on CUDA; nothing at all elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
 
 def timed(fn, device):
@@ -149,7 +144,7 @@ def train_tok_s(model, batch, cfg, device):
 
     def steps(n):
         for _ in range(n):
-            with autocast(device):
+            with autocast_for(device):
                 _, loss = step_model(x[:, :-1], x[:, 1:])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -198,7 +193,7 @@ def gen_tok_s(model, cfg, device):
         runs["hf"] = lambda: hf.generate(idx, attention_mask=mask, do_sample=True, max_new_tokens=new,
                                          min_new_tokens=new, pad_token_id=0)
     best = {}
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast_for(device):
         for fn in runs.values():
             fn()  # warmup
         for _ in range(cfg.repeats):
@@ -220,7 +215,7 @@ def prm_tok_s(gcfg, cfg, device, rows):
     is_result = (pos % 8 == 5) | (pos % 8 == 6)                             # RESULT_SHARE of the tokens
     result_of = torch.where(is_result, step_end.clamp(max=gcfg.block_size - 1), -1).expand_as(x)
     score_all = lambda: [fwd(x[i:i + rows], result_of[i:i + rows]) for i in range(0, cfg.prm_batch, rows)]
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast_for(device):
         for _ in range(cfg.warmup):
             score_all()
         t = min(timed(score_all, device) for _ in range(cfg.repeats))

@@ -58,22 +58,23 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
 """
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, asdict, replace
 
 import torch
-import torch.nn.functional as F
 
+import files
 import task
 import training
-from model import (Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_and_verify, format_eta,
-                   accuracy, token_logprobs, thinking_step_ends, token_tables)
-from training import (mean_std, load_checkpoint, model_from_checkpoint, make_checkpoint, save_checkpoint, pick_device,
-                      parse_config, print_config, read_jsonl, write_json_atomic, check_options, require,
-                      check_writable, run_main, BadInput, map_in_processes, lock_out_dir, check_resume)
+from files import save_checkpoint, read_jsonl, write_json_atomic, check_writable, BadInput, lock_out_dir
+from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record
+from options import format_eta, parse_config, print_config, check_options, require, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume
+from evaluate import generate_and_verify, accuracy, mean_std
+from training import pick_device, map_in_processes
 from rfprm import load_prm, prm_total, total_range
+from grpo_objective import token_tables, advantages_for, optimise
 
 
 @dataclass
@@ -131,12 +132,12 @@ GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=5
 SMOKE = dict(max_steps=4, workers=1, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
              eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
-# the smallest value of each size (training.check_options): a group of 1 has no advantage to learn
+# the smallest value of each size (options.check_options): a group of 1 has no advantage to learn
 # from, μ = 0 never steps; and the values of a choice
 AT_LEAST = dict(workers=1, max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
                 seeds=1, eval_every=0, eval_questions=0, final_questions=0, log_every=1, sample_every=0, ckpt_every=1)
 CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
-# what a resume may change (training.check_resume): where and how often it writes and evaluates,
+# what a resume may change (checkpoints.check_resume): where and how often it writes and evaluates,
 # when it stops; every other option changes what is trained
 RESUME_FREE = {"out_dir", "resume", "max_steps", "test", "variants", "seeds", "workers", "eval_every",
                "eval_questions", "final_questions", "log_every", "sample_every", "ckpt_every", "device",
@@ -144,170 +145,7 @@ RESUME_FREE = {"out_dir", "resume", "max_steps", "test", "variants", "seeds", "w
 
 
 # ----------------------------------------------------------------------------
-# advantages and the loss
-
-
-def group_advantages(rewards, group_size, scale_std=False, eps=1e-4):
-    """Â_i = r_i − mean(r_group) (Dr. GRPO, grpo.py's default: ours, the module docstring says why);
-    scale_std=True: GRPO's (r_i − mean(r_group)) / (std(r_group) + ε) (DeepSeekMath eq. 3's Â).
-
-    rewards (N,) with N = n_groups * group_size, groups contiguous -> (N,). std is the unbiased
-    one (as TRL). A group whose rewards are all equal gets 0.
-
-    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2).tolist()
-    [0.5, -0.5, 0.0, 0.0]
-    >>> group_advantages(torch.tensor([1., 0., 0., 0.]), 2, scale_std=True).tolist()
-    [0.7070068..., -0.7070068..., 0.0, 0.0]
-    """
-    r = rewards.float().view(-1, group_size)                      # (n_groups, G)
-    a = r - r.mean(1, keepdim=True)
-    if scale_std:
-        a = a / (r.std(1, keepdim=True) + eps)
-    same = r.amax(1, keepdim=True) == r.amin(1, keepdim=True)     # exactly 0, not rounding error / ε
-    return a.masked_fill(same, 0.0).view(-1)
-
-
-def process_advantages(step_rewards, step_pos, step_mask, group_size, T, scale_std=False, eps=1e-4):
-    """Process supervision (DeepSeekMath §4.1.3): Â_t = Σ_{j: pos_j ≥ t} r̃_j, r̃ = step rewards normalised over the group.
-
-    step_rewards, step_pos (B, S): the reward of step j and the token position that ends it;
-    step_mask (B, S) True at real steps. r̃_j = r_j − mean(R) (Dr. GRPO; scale_std: / (std(R) + ε)), R = every step
-    reward of the G completions of the question. Returns (B, T): the reward-to-go of each token.
-    """
-    B, S = step_rewards.shape
-    r = step_rewards.float().view(-1, group_size * S)              # (n_groups, G*S)
-    m = step_mask.view(-1, group_size * S).float()
-    n = m.sum(1, keepdim=True).clamp(min=1)
-    mean = (r * m).sum(1, keepdim=True) / n
-    a = r - mean
-    if scale_std:
-        var = ((a * m) ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)
-        a = a / (var.sqrt() + eps)
-    same = r.masked_fill(m == 0, -math.inf).amax(1) == r.masked_fill(m == 0, math.inf).amin(1)
-    a = (a * m).masked_fill(same[:, None], 0.0).view(B, S)          # all steps equal: exactly 0
-    per_token = torch.zeros(B, T).scatter_add_(1, step_pos.clamp(0, T - 1), a)  # r̃_j at the step's last token
-    return per_token.flip(1).cumsum(1).flip(1)                      # reward-to-go: Σ over positions ≥ t
-
-
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps=0.2, kl_coef=0.04,
-              clip_high=None, agg="token"):
-    """The clipped-ratio GRPO loss with a k3 KL penalty (DeepSeekMath eq. 3 and 4), to minimise.
-
-    logp, old_logp, ref_logp, mask (B, T): log-probs of the sampled tokens under π_θ, π_old, π_ref
-    and True at completion tokens; advantages (B,) per completion or (B, T) per token.
-    Per token: −[min(ρÂ, clip(ρ, 1 − ε, 1 + ε_high)Â) − β_KL·(e^{ref−logp} − (ref − logp) − 1)].
-    agg="token": mean over all completion tokens of the batch; "sequence": mean per completion, then
-    over completions. ref_logp may be None when kl_coef = 0.
-    Returns (loss, stats) with stats detached 0-dim tensors: pg, kl, clip_frac, ratio.
-    """
-    mask = mask.float()
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages   # (B, 1) or (B, T)
-    hi = clip_eps if clip_high is None else clip_high
-    ratio = torch.exp(logp - old_logp)
-    surr = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + hi) * adv)
-    if ref_logp is not None:
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1                                     # k3: unbiased, ≥ 0
-    else:
-        kl = torch.zeros_like(logp)
-    per_token = -(surr - kl_coef * kl)
-
-    def mean(x):
-        if agg == "token":
-            return (x * mask).sum() / mask.sum().clamp(min=1)
-        if agg == "sequence":
-            return ((x * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-        raise ValueError(f"agg must be 'token' or 'sequence', got {agg!r}")
-
-    loss = mean(per_token)
-    clipped = ((adv > 0) & (ratio > 1 + hi)) | ((adv < 0) & (ratio < 1 - clip_eps))
-    with torch.no_grad():
-        stats = {"pg": mean(-surr), "kl": mean(kl), "clip_frac": mean(clipped.float()), "ratio": mean(ratio)}
-    return loss, stats
-
-
-# ----------------------------------------------------------------------------
-# log-probs and one optimisation step
-
-
-def length_chunks(Y, n_chunks):
-    """Rows sorted by length, cut into n_chunks, each with the width its longest row needs.
-
-    Right padding to the batch's longest completion wastes about a third of the tokens of a
-    rollout batch; chunks of similar lengths waste far less. Returns [(rows, width)].
-    """
-    lengths = torch.where(Y >= 0, torch.arange(1, Y.size(1) + 1, device=Y.device), 0).amax(1)  # (B,) last target + 1
-    order = lengths.argsort(descending=True)
-    return [(rows, max(1, int(lengths[rows[0]]))) for rows in order.chunk(n_chunks) if len(rows)]
-
-
-def optimise(model, ref_model, optimizer, X, Y, advantages, cfg):
-    """μ passes of the GRPO loss on one rollout batch, one optimiser step each; returns stats (tensors).
-
-    π_old is the policy that sampled the batch, i.e. the model before the first pass: its
-    log-probs are the first pass's, detached (no extra forward). With μ = 1 the ratio is 1.
-    The batch goes through in cfg.chunks chunks of similar lengths (gradients accumulated); each
-    chunk's loss is weighted by its share of the batch's tokens (token averaging) or rows
-    (sequence averaging), so the step is the one the whole batch would give.
-    """
-    mask = Y >= 0
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(Y)   # (B, T)
-    chunks = length_chunks(Y, cfg.chunks)
-    # each chunk's weight: its share of the batch's tokens (token averaging) or rows (sequence averaging)
-    shares = [mask[rows].sum() / mask.sum().clamp(min=1) if cfg.loss_agg == "token" else len(rows) / len(Y)
-              for rows, _ in chunks]
-    ref_logp = torch.zeros(Y.shape, device=Y.device)
-    if cfg.kl_coef > 0:
-        with torch.no_grad():
-            for rows, w in chunks:
-                ref_logp[rows, :w] = token_logprobs(ref_model, X[rows, :w], Y[rows, :w], cfg.temperature)[0]
-    old_logp, entropy = torch.zeros(Y.shape, device=Y.device), 0.0
-    for k in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        loss, stats = 0.0, {}
-        for (rows, w), share in zip(chunks, shares):
-            logp, ent = token_logprobs(model, X[rows, :w], Y[rows, :w], cfg.temperature, with_entropy=(k == 0))
-            if k == 0:
-                old_logp[rows, :w] = logp.detach()
-                entropy = entropy + (ent * mask[rows, :w]).sum() / mask.sum()
-            part, part_stats = grpo_loss(logp, old_logp[rows, :w], ref_logp[rows, :w] if cfg.kl_coef > 0 else None,
-                                         adv[rows, :w], mask[rows, :w], cfg.clip_eps, cfg.kl_coef,
-                                         cfg.clip_high or None, cfg.loss_agg)
-            (part * share).backward()
-            loss = loss + part.detach() * share
-            stats = {n: stats.get(n, 0.0) + v * share for n, v in part_stats.items()}
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-    return {"loss": loss, "entropy": entropy, "grad_norm": gnorm, **stats}
-
-
-# ----------------------------------------------------------------------------
 # rewards
-
-
-def process_inputs(Y, scores, alpha, tok, tables):
-    """Step rewards, positions and mask (B, S+1) for process_advantages, from PRM scores of each row.
-
-    Thinking step j's score goes to the token ending line j (a line without an end, e.g. cut by
-    max_new_tokens, to the last token); α·R_φ(trajectory) to the last completion token.
-    """
-    B, T = Y.shape
-    S = max(1, max(len(s["step"]) for s in scores))
-    ar = torch.arange(T).expand(B, T)
-    last = torch.where(Y >= 0, ar, -1).max(1).values                     # (B,)
-    ends = thinking_step_ends(Y, tok, tables)
-    pos = torch.where(ends, ar, T).sort(1).values[:, :S]                 # first S line ends, T = none
-    if pos.size(1) < S:
-        pos = F.pad(pos, (0, S - pos.size(1)), value=T)
-    pos = torch.where(pos == T, last[:, None], pos)
-    r = torch.zeros(B, S)
-    n = torch.tensor([len(s["step"]) for s in scores])
-    for i, s in enumerate(scores):  # padding a ragged list once per step
-        r[i, :len(s["step"])] = torch.tensor(s["step"], dtype=torch.float)
-    traj = torch.tensor([alpha * s["trajectory"] for s in scores])
-    step_mask = torch.arange(S)[None] < n[:, None]
-    return (torch.cat([r, traj[:, None]], 1), torch.cat([pos, last[:, None]], 1),
-            torch.cat([step_mask, torch.ones(B, 1, dtype=torch.bool)], 1))
 
 
 def expert_step_scores(records, scores):
@@ -335,19 +173,6 @@ def reward_batch(tok, comps, qs, right, prm, cfg):
     elif cfg.reward != "rule":
         raise ValueError(f"--reward must be rule, prm or mix; got {cfg.reward!r}")
     return out
-
-
-def advantages_for(Y, rew, tok, tables, cfg):
-    """Outcome advantages (B,), or with process supervision per-token advantages (B, T)."""
-    if not cfg.process:
-        return group_advantages(rew["reward"], cfg.group_size, cfg.scale_std)
-    if rew["scores"] is None:
-        raise ValueError("--process needs --reward=prm or --reward=mix (it reads the PRM's step scores)")
-    r, pos, m = process_inputs(Y, rew["scores"], cfg.alpha, tok, tables)
-    a_proc = process_advantages(r, pos, m, cfg.group_size, Y.size(1), cfg.scale_std)
-    beta = 1.0 if cfg.reward == "prm" else cfg.beta
-    a_rule = group_advantages(rew["rule"], cfg.group_size, cfg.scale_std)
-    return (1 - beta) * a_rule[:, None] + beta * a_proc
 
 
 # ----------------------------------------------------------------------------
@@ -405,18 +230,11 @@ def format_row(row, max_steps, rate):
             f"eta {format_eta(rate * (max_steps - row['step']))}")
 
 
-def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
-    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
-    os.makedirs(cfg.out_dir, exist_ok=True)
+def resume_state(cfg, model, optimizer, tok, device):
+    """(start step, metrics rows so far): from the checkpoint in cfg.out_dir on --resume (its rows up
+    to its step; those logged after it are replayed), else a fresh start and a fresh log."""
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
-    model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
-    ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
-    optimizer = training.make_optimizer(model, cfg, device)
-    tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
-    final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
-
     start, history = 0, []
     if cfg.resume and os.path.exists(ckpt_path):
         ck = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
@@ -428,6 +246,37 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         print(f"resuming from {ckpt_path} at step {start}")
     with open(metrics_path, "w") as f:   # a fresh run starts a fresh log; a resumed one keeps steps before it
         f.writelines(json.dumps(r) + "\n" for r in history)
+    return start, history
+
+
+def grpo_step(model, ref_model, optimizer, tok, questions, prm, tables, cfg, step, device):
+    """One GRPO step: 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective.
+    Returns (questions, completions, rewards, optimise's stats, lr); a non-finite loss or gradient
+    stops the run before the step is logged or saved."""
+    lr = training.get_lr(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    qs, prompts, comps, right = rollout(model, tok, questions, cfg, step, device)
+    rew = reward_batch(tok, comps, qs, right, prm, cfg)
+    X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
+    adv = advantages_for(Y, rew, tok, tables, cfg)
+    stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
+    if not (torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])):
+        raise training.non_finite(step)   # before the step is logged or saved
+    return qs, comps, rew, stats, lr
+
+
+def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
+    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+    model = model_from_checkpoint(init_ckpt, device).eval()   # eval: no dropout, log-probs as sampled
+    ref_model = model_from_checkpoint(init_ckpt, device).eval().requires_grad_(False)
+    optimizer = training.make_optimizer(model, cfg, device)
+    tables = token_tables(tok, model.config.vocab_size) if cfg.process else None
+    final_qs, eval_qs = test[:cfg.final_questions], test[:cfg.eval_questions]
+    start, history = resume_state(cfg, model, optimizer, tok, device)
 
     def log_metrics(row):
         history.append(row)
@@ -442,18 +291,7 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
     t0 = time.time()
     for step in range(start, cfg.max_steps):
-        lr = training.get_lr(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 1. sample, 2. reward, 3. advantages, 4. μ passes of the clipped objective
-        qs, prompts, comps, right = rollout(model, tok, questions, cfg, step, device)
-        rew = reward_batch(tok, comps, qs, right, prm, cfg)
-        X, Y = training.pack(list(zip(prompts, comps)), model.config.block_size, tok.eot)  # Y = −1 off the completion
-        adv = advantages_for(Y, rew, tok, tables, cfg)
-        stats = optimise(model, ref_model, optimizer, X.to(device), Y.to(device), adv.to(device), cfg)
-        if not (torch.isfinite(stats["loss"]) and torch.isfinite(stats["grad_norm"])):
-            raise training.non_finite(step)   # before the step is logged or saved
-
+        qs, comps, rew, stats, lr = grpo_step(model, ref_model, optimizer, tok, questions, prm, tables, cfg, step, device)
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
             row = log_row(step + 1, rew, comps, stats, cfg.group_size, lr)
             log_metrics(row)
@@ -465,14 +303,19 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
             log_metrics({"step": step + 1, "test_acc": acc})
             print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, greedy)")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
-            save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg),
-                                                       optimizer=optimizer.state_dict(), step=step + 1))
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(
+                "policy", model, tok.enc, asdict(cfg), optimizer=optimizer.state_dict(), step=step + 1))
 
     final = accuracy(model, tok, final_qs)
     if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
         log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
+    return finish_run(cfg, history, start_eval, final, len(final_qs), t0)
+
+
+def finish_run(cfg, history, start_eval, final, n_final, t0):
+    """A run's line, results.json and figure; returns its results dict."""
     print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
-          f"({len(final_qs)} questions, greedy), {time.time() - t0:.0f}s")
+          f"({n_final} questions, greedy), {time.time() - t0:.0f}s")
     result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
               "seconds": time.time() - t0, "config": asdict(cfg)}
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"), result)
@@ -552,7 +395,7 @@ def format_curves(histories, every, n_eval):
 
 def save_figure(histories, path):
     """Reward, KL and test accuracy against step, one line per variant (mean over seeds); False without matplotlib."""
-    plt = training.pyplot()
+    plt = files.pyplot()
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.2))
@@ -569,7 +412,7 @@ def save_figure(histories, path):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     axes[-1].legend(fontsize=7)
-    return training.save_png(fig, path, dpi=110)
+    return files.save_png(fig, path, dpi=110)
 
 
 def run_configs(cfg, runs):
@@ -595,15 +438,10 @@ def one_run(cfg, tok, questions, test, start_eval):
     return res, read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), ())
 
 
-def main(argv=None):
-    cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST, CHOICES)
-    check_writable(cfg.out_dir)
-    print_config(cfg)
-    device = pick_device(cfg.device)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
-    questions = read_jsonl(cfg.questions, ("question", "answer"))
-    test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
+def checked_runs(cfg, tok, device):
+    """(variant specs, every run's config): --variants and --seeds as runs, each
+    checked now: a resume that would train something else, a bad starting policy, a PRM that is
+    missing or no PRM fail before out_dir is made."""
     specs = [s for s in cfg.variants.split(",") if s.strip()]
     runs = [parse_variant(s, cfg) for s in specs] if specs else [cfg]
     require(not any(r.process and r.reward == "rule" for r in runs),
@@ -620,11 +458,12 @@ def main(argv=None):
         if not os.path.exists(cfg.prm):
             raise FileNotFoundError(f"no PRM at {cfg.prm!r}: train it with train_prm.py, or use --reward=rule")
         load_prm(cfg.prm, device)   # a file that is not a PRM fails now
-    lock_out_dir(cfg.out_dir)
-    if not specs and cfg.seeds == 1:   # one run, straight into out_dir
-        return one_run(cfg, tok, questions, test, None)[0]
+    return specs, jobs
 
-    # several runs: out_dir/<variant>/seed<k>/, the starting policy evaluated once
+
+def compare(cfg, jobs, tok, questions, test, device):
+    """Several runs, out_dir/<variant>/seed<k>/, from the starting policy evaluated once: the table
+    (mean ± std over seeds), the curves, results.json and the figure. Returns the summary."""
     start_eval = accuracy(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
                           tok, test[:cfg.final_questions])
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
@@ -641,6 +480,22 @@ def main(argv=None):
     if save_figure(histories, os.path.join(cfg.out_dir, "grpo.png")):
         print(f"figure: {cfg.out_dir}/grpo.png")
     return summary
+
+
+def main(argv=None):
+    cfg = parse_config(GRPOConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, CHOICES)
+    check_writable(cfg.out_dir)
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
+    questions = read_jsonl(cfg.questions, ("question", "answer"))
+    test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
+    specs, jobs = checked_runs(cfg, tok, device)
+    lock_out_dir(cfg.out_dir)
+    if not specs and cfg.seeds == 1:   # one run, straight into out_dir
+        return one_run(cfg, tok, questions, test, None)[0]
+    return compare(cfg, jobs, tok, questions, test, device)
 
 
 if __name__ == "__main__":

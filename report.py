@@ -21,16 +21,17 @@ in out/, seed n's in out/seed<n>/out, as run.sh writes them), then its mean ± s
 
 import json
 import os
-import statistics
 import sys
 from dataclasses import dataclass
 
 import grpo
+import processbench
 import select_data
 import sft
-import train_prm
 import tts
-from training import run_main, parse_config, write_text_atomic, BadInput
+from files import write_text_atomic, BadInput
+from options import run_main, parse_config
+from evaluate import mean_std
 
 
 def sft_table(res, path):
@@ -39,8 +40,8 @@ def sft_table(res, path):
 
 def prm_table(pb, path):
     note = f"{pb['n_eval']} held-out records; seconds per PRM: " + ", ".join(f"{k} {v:.0f}" for k, v in pb["seconds"].items())
-    tables = [train_prm.format_table(pb["rows"], "records' voice")]
-    tables += [train_prm.format_table(rows, name) for name, rows in pb.get("shifted", {}).items()]
+    tables = [processbench.format_table(pb["rows"], "records' voice")]
+    tables += [processbench.format_table(rows, name) for name, rows in pb.get("shifted", {}).items()]
     return "\n".join(tables), note
 
 
@@ -228,8 +229,9 @@ def format_trends(per_seed):
         cells = ["—" if v is None else f"{v[0]:+.1f} (se {v[1]:.1f})" if isinstance(v, (tuple, list)) else fmt(v)
                  for v in vals]
         got = [v[0] if isinstance(v, (tuple, list)) else v for v in vals if v is not None]
-        spread = fmt(statistics.stdev(got)) if len(got) > 1 else "—"
-        lines.append(f"| {row} | " + " | ".join(cells) + f" | {fmt(statistics.fmean(got))} ± {spread} |")
+        mean, std = mean_std(got)
+        spread = fmt(std) if len(got) > 1 else "—"
+        lines.append(f"| {row} | " + " | ".join(cells) + f" | {fmt(mean)} ± {spread} |")
     return "\n".join(lines)
 
 

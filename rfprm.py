@@ -1,15 +1,10 @@
 """
-rfprm: the whole ReasonFlux-PRM (Zou et al., 2025, arXiv 2506.18896) in one file: its rewards,
-the reward design over records, the PRM with its readout, loss and total, and a command that
-shows what a trained PRM thinks of each step. For a question x, thinking steps s_1..s_T and a
-final response a_1..a_J:
+rfprm: the ReasonFlux-PRM (Zou et al., 2025, arXiv 2506.18896) itself: the PRM with its readout, loss
+and total, the ways of aggregating its step scores, and a command that shows what a trained PRM
+thinks of each step. Its training targets, the reward design (r_align, r_qual, r_coh, r_fused,
+r_step, r_final), are in rewards.py. For a question x, thinking steps s_1..s_T and a final
+response a_1..a_J:
 
-    r_align(t) = max_j cos(Φ(s_t), Φ(a_j))                                alignment_reward
-    r_qual(t)  = judge(x, s_<t, s_t, a)                                     task.judge (the expert)
-    r_coh(t)   = log softmax over {s_t} ∪ negatives of cos(Φ(s_{t-1}), Φ(·)) / τ   coherence_reward
-    r_fused(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k             fuse_rewards
-    r_step(t)  = 1[r_qual ≥ ½] · (¾ + ¼ · clamp(r_fused(t), 0, 1))          gated_fusion (ours, below)
-    r_final    = (1/N) Σ_j verify(y_j),  y_j ~ π(· | x, template(s))       trajectory_reward
     R_φ(t)     = σ(w·h_t + b), h_t the backbone's state where step t ends  PRM (readout="plain")
     L          = λ_step mean_t (R_φ(t) − r_step(t))² + λ_final (R_φ(x, s, a) − r_final)²   prm_loss
                  (the paper's target is r_fused: --fusion=paper)
@@ -19,8 +14,8 @@ Four defaults depart from the paper so that its idea works at this scale; each i
 docstring of its function, and its paper form is an option of train_prm.py and a row of its table:
  1. readout: R_φ(t) = σ(w·h_t + a·ℓ_t + b), ℓ_t the surprise of the PRM's own LM head at step
     t's result (PRM, step_surprise);
- 2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (gated_fusion);
- 3. trajectory reward: r_final relative to the policy's own success on the question (relative_final);
+ 2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (rewards.gated_fusion);
+ 3. trajectory reward: r_final relative to the policy's own success on the question (rewards.relative_final);
  4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
 
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
@@ -32,266 +27,19 @@ import math
 import os
 import re
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import task
-from model import GPT, GPTConfig, Tok, load_tokenizer, vocab_fingerprint, encode_prompt, generate_and_verify
-from training import (load_checkpoint, model_from_checkpoint, pick_device, read_jsonl, argument_parser,
-                      require, run_main, record_names, BadInput, WRONG_SHAPE, wrong_shape)
-
-# ----------------------------------------------------------------------------
-# Φ and the step-level rewards: alignment, quality (task.judge), coherence, fusion
-
-
-class TfidfEncoder:
-    """The fixed sentence encoder Φ: a TF-IDF-weighted bag of token unigrams and bigrams.
-
-    Deterministic and needs no training: the inverse document frequencies are counted on
-    the steps it is fitted on. Features are hashed into `dim` buckets so that a batch of
-    steps becomes one dense (n, dim) matrix and every cosine is a matrix product.
-    Our choice: the paper does not say which encoder Φ it uses.
-    """
-
-    def __init__(self, dim=4096):
-        self.dim = dim
-        self.idf = torch.ones(dim)
-
-    def features(self, ids):
-        """Hashed uni- and bigram buckets of one step's token ids."""
-        uni = [i % self.dim for i in ids]
-        bi = [(a * 1_000_003 + b * 7919) % self.dim for a, b in zip(ids, ids[1:])]
-        return uni + bi
-
-    def fit(self, steps_ids):
-        df = torch.zeros(self.dim)
-        for ids in steps_ids:
-            df[list(set(self.features(ids)))] += 1
-        self.idf = torch.log((1 + len(steps_ids)) / (1 + df)) + 1.0
-        return self
-
-    def encode(self, steps_ids):
-        """L2-normalised TF-IDF vectors (n, dim) of a list of token-id lists."""
-        rows, cols = [], []
-        for r, ids in enumerate(steps_ids):
-            feats = self.features(ids)
-            rows += [r] * len(feats)
-            cols += feats
-        X = torch.zeros(len(steps_ids), self.dim)
-        X.index_put_((torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)),
-                     torch.ones(len(rows)), accumulate=True)
-        X = X * self.idf
-        return F.normalize(X, dim=1)
-
-
-@torch.no_grad()
-def policy_encoder(model, tok):
-    """The alternative Φ: the policy LM's mean-pooled final hidden states (batched)."""
-    def encode(steps_ids):
-        out = []
-        for i in range(0, len(steps_ids), 256):
-            chunk = [ids[:model.config.block_size] or [tok.eot] for ids in steps_ids[i:i + 256]]
-            T = max(len(c) for c in chunk)
-            idx = torch.full((len(chunk), T), tok.eot, dtype=torch.long)
-            mask = torch.zeros(len(chunk), T)
-            for j, c in enumerate(chunk):
-                idx[j, :len(c)], mask[j, :len(c)] = torch.tensor(c), 1.0
-            h = model.hidden(idx.to(next(model.parameters()).device)).float().cpu()  # (n, T, C)
-            out.append(F.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=1))
-        return torch.cat(out)
-    return encode
-
-
-def alignment_reward(step_vecs, resp_vecs, step_rec, resp_rec):
-    """r_align(t) = max_j cos(Φ(s_t), Φ(a_j)): how well thinking step t is reflected in the response.
-
-    The paper pairs s_t with a_t after merging steps until the counts match; the max over
-    response steps a_j of the same record is the general form, and needs no merging rule.
-    step_vecs (S, D), resp_vecs (R, D) normalised; step_rec (S,), resp_rec (R,) record ids.
-    A record with no response step gets 0.
-    """
-    sims = step_vecs @ resp_vecs.T                                   # (S, R)
-    same = step_rec[:, None] == resp_rec[None, :]                    # (S, R)
-    if not len(resp_rec):
-        return torch.zeros(len(step_rec))
-    best = sims.masked_fill(~same, float("-inf")).max(1).values
-    return torch.where(torch.isfinite(best), best, torch.zeros_like(best)).clamp(min=0)
-
-
-def coherence_reward(prev_vecs, step_vecs, neg_vecs, tau=0.1, rescaled=False):
-    """r_coh(t) = log softmax over {cos(s_{t-1}, s_t)/τ} ∪ {cos(s_{t-1}, n_k)/τ}, at s_t.
-
-    A contrastive (InfoNCE-style) estimate of the mutual information between consecutive
-    steps: the true successor must look more like s_{t-1} than K steps drawn from other
-    trajectories. As written it is a log-probability (≤ 0). `rescaled=True` returns the
-    probability itself, in [0, 1] like the other two rewards (our variant).
-    prev_vecs, step_vecs (S, D); neg_vecs (S, K, D).
-    """
-    pos = (prev_vecs * step_vecs).sum(-1, keepdim=True)              # (S, 1)
-    neg = torch.einsum("sd,skd->sk", prev_vecs, neg_vecs)             # (S, K)
-    logp = F.log_softmax(torch.cat([pos, neg], 1) / tau, dim=1)[:, 0]  # (S,)
-    return logp.exp() if rescaled else logp
-
-
-def fuse_rewards(*rewards):
-    """r_fused(t) = Σ_k softmax([r_align, r_qual, r_coh])_k · r_k  (the paper's fusion; its r_step).
-
-    Each step weighs its own rewards by their softmax: a reward that is high counts more.
-    Called with the three components (or any subset, e.g. to drop coherence).
-    Returns (r_fused (S,), weights (S, K)); the weights sum to 1 per step.
-    """
-    R = torch.stack(rewards, dim=-1)                                  # (S, K)
-    w = F.softmax(R, dim=-1)
-    return (w * R).sum(-1), w
-
-
-def gated_fusion(fused, quality, floor=0.75):
-    """r_step(t) = 1[r_qual(t) ≥ ½] · (f + (1 − f) · clamp(r_fused(t), 0, 1)), f = floor = ¾
-    (ours; the default fusion).
-
-    The paper's softmax fusion ranks a slipped step that the response repeats (high alignment)
-    above a correct filler line that it does not, so a PRM that learns it cannot find the first
-    error. Here the expert's verdict decides the band: a step it judges wrong (r_qual < ½) gets
-    0, a step it judges right or harmless gets a label in [¾, 1], and within that band the
-    paper's fusion ranks it (a correct computation the response repeats above a filler). So no
-    step judged wrong ever ranks above a step judged right, whatever its alignment and coherence.
-    The floor is how much of the scale the paper's fusion gives up. fused, quality (S,) -> (S,).
-
-    >>> gated_fusion(torch.tensor([0.9, 0.1, -0.3]), torch.tensor([0.0, 0.5, 1.0])).tolist()
-    [0.0, 0.7749999761581421, 0.75]
-    """
-    return torch.where(quality >= 0.5, floor + (1 - floor) * fused.clamp(0, 1), torch.zeros_like(fused))
-
-
-# ----------------------------------------------------------------------------
-# the reward design over records: what "previous step", "negatives" and "template" mean here
-
-
-def step_rewards(records, tok, encode, tau=0.1, n_negatives=8, judge_noise=0.0, seed=0):
-    """r_align, r_qual, r_coh (as written, ≤ 0) for every thinking step of every record, and the
-    record of each step: flat tensors (S,), in record order.
-
-    `encode` maps token-id lists to normalised vectors (Φ). A step's previous step is the line
-    before it; the first step's is the question. Its K coherence negatives are random steps of
-    *other* records. judge_noise > 0 makes a noisier expert: r_qual ← (1 − n)·judge + n·U(0, 1).
-    """
-    g = torch.Generator().manual_seed(seed)
-    think = [[tok.enc.encode_ordinary(str(l)) for l in r["thinking"]] for r in records]
-    resp = [[tok.enc.encode_ordinary(str(l)) for l in r["response"]] for r in records]
-    steps = torch.cat([encode(sum(think[i:i + 500], [])) for i in range(0, len(think), 500)])
-    step_rec = torch.tensor([k for k, t in enumerate(think) for _ in t], dtype=torch.long)
-    S = len(step_rec)
-
-    r_align = torch.zeros(S)
-    for lo in range(0, len(records), 500):  # chunks of records keep the (S, R) matrix small
-        hi = min(len(records), lo + 500)
-        sel = (step_rec >= lo) & (step_rec < hi)
-        rrec = torch.tensor([k for k in range(lo, hi) for _ in resp[k]], dtype=torch.long)
-        r_align[sel] = alignment_reward(steps[sel], encode(sum(resp[lo:hi], [])), step_rec[sel], rrec)
-
-    # quality: the expert judges each step (a Python call per step: it stands for an LLM call)
-    r_qual = torch.tensor([task.judge(r["question"], r["thinking"][:t], line, r["response"])
-                           for r in records for t, line in enumerate(r["thinking"])])
-    if judge_noise > 0:
-        r_qual = (1 - judge_noise) * r_qual + judge_noise * torch.rand(S, generator=g)
-
-    questions = encode([tok.enc.encode_ordinary(r["question"]) for r in records])
-    first = torch.ones(S, dtype=torch.bool)
-    first[1:] = step_rec[1:] != step_rec[:-1]
-    prev = torch.where(first[:, None], questions[step_rec], torch.roll(steps, 1, 0))
-    neg = torch.randint(S, (S, n_negatives), generator=g)
-    clash = step_rec[neg] == step_rec[:, None]
-    neg = torch.where(clash, (neg + S // 2) % S, neg)  # a negative must come from another record
-    r_coh = coherence_reward(prev, steps, steps[neg], tau)
-    return r_align, r_qual, r_coh, step_rec
-
-
-def response_quality(records):
-    """The expert's judgement of every step of every final response (ours: the paper trains
-    thinking steps only). A response that drifts from a right thinking shows only here."""
-    return [[task.judge(r["question"], r["thinking"], line, r["response"]) for line in r["response"]]
-            for r in records]
-
-
-@torch.no_grad()
-def trajectory_reward(policy, tok, records, n_rollouts=4, generator=None, progress=""):
-    """r_final = (1/N) Σ_j verify(y_j), y_j ~ π(· | x, template(s))  (the paper's template-guided reward).
-
-    The expert turns each thinking trajectory into a template (its strategy, operations
-    without results); the policy answers the question N times following that template, in
-    one batched KV-cache generation across all records (temperature 1); the reward is the
-    fraction of verified-correct answers. A trajectory with no readable strategy gets 0.
-    """
-    plans = [task.template(r["thinking"]) for r in records]
-    prompts = [encode_prompt(tok, r["question"], p) for r, p in zip(records, plans) for _ in range(n_rollouts)]
-    answers = [r["answer"] for r in records for _ in range(n_rollouts)]
-    _, right = generate_and_verify(policy, tok, prompts, answers, 1.0, 96, 512, generator, progress)
-    right = torch.tensor(right, dtype=torch.float).view(len(records), n_rollouts)
-    return right.mean(1) * torch.tensor([bool(p) for p in plans], dtype=torch.float)
-
-
-@torch.no_grad()
-def plain_success(policy, tok, records, n_rollouts=4, generator=None, progress=""):
-    """p_0 = (1/N) Σ_j verify(y_j), y_j ~ π(· | x): the policy's own success on the question, no template."""
-    prompts = [encode_prompt(tok, r["question"]) for r in records for _ in range(n_rollouts)]
-    answers = [r["answer"] for r in records for _ in range(n_rollouts)]
-    _, right = generate_and_verify(policy, tok, prompts, answers, 1.0, 160, 256, generator, progress)
-    return torch.tensor(right, dtype=torch.float).view(len(records), n_rollouts).mean(1)
-
-
-def relative_final(r_final, p0):
-    """(r_final − p_0 + 1) / 2: what the trajectory's template adds to the policy's own success
-    on the question (ours; the default trajectory reward).
-
-    The paper's r_final is high on questions the policy finds easy whatever the trajectory, so
-    a PRM that learns it pays for easy questions and small answers. Subtracting p_0
-    (plain_success) asks instead whether following this trajectory's plan helps on this
-    question. Mapped from [−1, 1] to [0, 1] for the sigmoid head.
-
-    >>> relative_final([1.0, 0.5, 0.0], [1.0, 0.25, 0.5])
-    [0.5, 0.625, 0.25]
-    """
-    return [(f - p + 1) / 2 for f, p in zip(r_final, p0)]
-
-
-def design_rewards(records, tok, policy, encoder="tfidf", tau=0.1, n_negatives=8, n_rollouts=4,
-                   judge_noise=0.0, seed=0):
-    """Every reward of the design, per record: the three step rewards (both coherence forms),
-    the expert's judgement of the response steps, r_final, p_0 and the outcome. The rows of
-    train_prm.py's table pick from it, so it is computed once (and cached there)."""
-    t0 = time.time()
-    if encoder == "tfidf":
-        lines = [tok.enc.encode_ordinary(str(l)) for r in records for l in r["thinking"] + r["response"]]
-        encode = TfidfEncoder().fit(lines).encode
-    else:
-        encode = policy_encoder(policy, tok)
-    r_align, r_qual, r_coh, step_rec = step_rewards(records, tok, encode, tau, n_negatives, judge_noise, seed)
-    _, w = fuse_rewards(r_align, r_qual, r_coh)
-    _, w_prob = fuse_rewards(r_align, r_qual, r_coh.exp())
-    t_step = time.time() - t0
-    print(f"reward design: step rewards for {len(step_rec):,} steps in {t_step:.1f}s; mean fusion weights "
-          f"(align, quality, coherence) = ({w[:, 0].mean():.2f}, {w[:, 1].mean():.2f}, {w[:, 2].mean():.2f}) "
-          f"as written, ({w_prob[:, 0].mean():.2f}, {w_prob[:, 1].mean():.2f}, {w_prob[:, 2].mean():.2f}) rescaled")
-    device, n = next(policy.parameters()).device, len(records)
-    g = torch.Generator(device=device).manual_seed(seed)  # where sampling runs
-    r_final = trajectory_reward(policy, tok, records, n_rollouts, g, progress="template-guided rollouts")
-    p0 = plain_success(policy, tok, records, n_rollouts, g, progress="rollouts without a template")
-    t_traj = time.time() - t0 - t_step
-    print(f"reward design: trajectory rewards in {t_traj:.1f}s, mean r_final {r_final.mean():.2f}, "
-          f"mean p_0 {p0.mean():.2f}")
-    counts = torch.bincount(step_rec, minlength=n).tolist()
-    per_record = lambda x: [c.tolist() for c in torch.split(x, counts)]
-    return {"align": per_record(r_align), "quality": per_record(r_qual),
-            "coherence_logprob": per_record(r_coh), "coherence_prob": per_record(r_coh.exp()),
-            "response_quality": response_quality(records),
-            "final": r_final.tolist(), "p0": p0.tolist(),
-            "outcome": [float(task.verify("\n".join(r["response"]), r["answer"])) for r in records],
-            "seconds": {"step": t_step, "trajectory": t_traj},
-            "fusion_weights": {"logprob": w.mean(0).tolist(), "prob": w_prob.mean(0).tolist()}}
-
+from files import read_jsonl, record_names, BadInput
+from tokenizer import Tokenizer, load_tokenizer, vocab_fingerprint, encode_prompt
+from model import GPT, GPTConfig
+from options import argument_parser, require, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint, WRONG_SHAPE, wrong_shape
+from training import pick_device
+from rewards import design
 
 # ----------------------------------------------------------------------------
 # the PRM: the GPT backbone, a scalar head read where each step ends, and the surprise term
@@ -676,7 +424,7 @@ def load_prm(path, device=None):
     if not isinstance(vocab, str) or not os.path.isfile(vocab):
         raise BadInput(f"{path}: its tokenizer {vocab!r} is not a file any more; "
                        f"run data/arith/prepare.py again, or retrain the PRM")
-    tok = Tok(load_tokenizer(vocab))
+    tok = Tokenizer(load_tokenizer(vocab))
     if ckpt["vocab"] != vocab_fingerprint(tok.enc):
         raise BadInput(f"{path}: made with vocabulary {ckpt['vocab']}, but {vocab} is now "
                        f"{vocab_fingerprint(tok.enc)}; retrain the PRM")
@@ -704,7 +452,7 @@ def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu")
     exp(lowest log-probability among its tokens); readout="surprise": σ(ℓ_t), the PRM's surprise
     term alone (its head at zero). The total is prm_total's: the mean over the thinking steps plus
     the worst response step; there is no trajectory score (α = 0)."""
-    tok = Tok(load_tokenizer(tokenizer))
+    tok = Tokenizer(load_tokenizer(tokenizer))
     ckpt = load_checkpoint(policy_path, kind="policy", enc=tok.enc)
     scorer = PRM(GPTConfig(**ckpt["model_args"]), readout=readout)
     scorer.gpt.load_state_dict(model_from_checkpoint(ckpt).state_dict())
@@ -733,37 +481,6 @@ def show_scores(record, s, tty, with_response=True):
         print(f"  resp  {colour(f'{x:.2f}', x, tty) if with_response else '    '}  {line}")
     flaw = (record.get("meta") or {}).get("flaw")
     print(f"  trajectory {s['trajectory']:.2f}, total {s['total']:.2f}" + (f"   (flaw: {flaw})" if flaw else "") + "\n")
-
-
-# python rfprm.py design FILE.jsonl: the reward design of a record, step by step
-
-def show_design(record, d, k):
-    """Record k of a design_rewards result: each step's three rewards, the paper's fusion r_fused
-    and ours r_step (the PRM's step target), then r_final, p_0 and the trajectory target."""
-    align, qual, coh = (torch.tensor(d[key][k]) for key in ("align", "quality", "coherence_logprob"))
-    fused, _ = fuse_rewards(align, qual, coh)
-    step = gated_fusion(fused, qual)
-    print(f"Q: {record['question']}   (answer {record['answer']})")
-    print(f"  {'r_align':>7} {'r_qual':>6} {'r_coh':>6} {'r_fused':>7} {'r_step':>6}")
-    for t, line in enumerate(record["thinking"]):
-        print(f"  {align[t]:7.2f} {qual[t]:6.2f} {coh[t]:6.2f} {fused[t]:7.2f} {step[t]:6.2f}  {line}")
-    final, p0 = d["final"][k], d["p0"][k]
-    print(f"  r_final {final:.2f} (template-guided), p_0 {p0:.2f} (no template): "
-          f"trajectory target {relative_final([final], [p0])[0]:.2f}\n")
-
-
-def design(file, n, policy_path, context=50, device="cpu"):
-    """The reward design of the first n records of `file`, computed over its first `context`
-    records (Φ's word weights and the coherence negatives come from the other records)."""
-    records = read_jsonl(file, ("question", "answer", "thinking", "response"))
-    require(len(records) >= 2, f"{file}: the design needs at least 2 records (coherence negatives), got {len(records)}")
-    ckpt = load_checkpoint(policy_path, kind="policy")
-    tok = Tok(load_tokenizer(ckpt["config"]["tokenizer"]))
-    policy = model_from_checkpoint(ckpt, device).eval()
-    records = records[:max(n, context)]
-    d = design_rewards(records, tok, policy, n_rollouts=4)
-    for k in range(min(n, len(records))):
-        show_design(records[k], d, k)
 
 
 def main(argv=None):

@@ -66,13 +66,17 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+import files
 import sft
-import training
 import task
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, format_eta, accuracy, format_accuracy
-from training import (file_digest, load_checkpoint, model_from_checkpoint, pick_device, parse_config,
-                      print_config, read_jsonl, write_json_atomic, save_checkpoint, check_options, lock_out_dir,
-                      check_writable, run_main, load_cache, BadInput, map_in_processes, mean_std)
+import training
+from files import (file_digest, read_jsonl, write_json_atomic, save_checkpoint, lock_out_dir, check_writable,
+                   load_cache, BadInput)
+from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer
+from options import format_eta, parse_config, print_config, check_options, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint
+from evaluate import accuracy, format_accuracy, mean_std
+from training import pick_device, map_in_processes
 from rfprm import load_prm, prm_total, untrained_scorer, aggregate, AGGREGATIONS, records_that_fit
 
 
@@ -108,7 +112,7 @@ class SelectConfig:
 GPU = dict(budget_tokens=1_500_000, seeds=5, eval_questions=1000, workers=1)  # longer students, more seeds
 SMOKE = dict(k=32, seeds=2, workers=1, budget_tokens=2000, warmup_steps=2, eval_questions=16)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
-# the smallest value of each size (training.check_options); 0 batches would loop forever
+# the smallest value of each size (options.check_options); 0 batches would loop forever
 AT_LEAST = dict(k=1, seeds=1, workers=1, budget_tokens=1, batch_size=1, warmup_steps=0, eval_questions=0, score_batch_size=0)
 
 # option key -> name in the tables; "oracle" is the only selector given the hidden meta
@@ -219,8 +223,8 @@ def select(key, records, scores, k, seed, hidden_meta=None):
 
     ReasonFlux-PRM (ours, accepted_k): a record is accepted when the PRM scores every step of it
     at least ½, the midpoint between the label of a wrong step (0) and of a right one (¾ or more,
-    rfprm.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
-    plan that helps the policy as much as no plan (rfprm.relative_final); α = 0 (rf_step) reads
+    rewards.gated_fusion), and, with α = 1 (rf_total), its trajectory at least ½, the label of a
+    plan that helps the policy as much as no plan (rewards.relative_final); α = 0 (rf_step) reads
     the steps only. rf_top_k is the paper's top-K by the total; each key of AGGREGATED, the top-K
     by its aggregation of the same scores.
     """
@@ -404,7 +408,7 @@ def text_bars(summary, width=40):
 
 def save_figure(summary, path):
     """Bar chart of accuracy (mean ± std over seeds) per selector; False without matplotlib."""
-    plt = training.pyplot()
+    plt = files.pyplot()
     if plt is None:
         return False
     names = [s["name"] for s in summary.values()]
@@ -415,7 +419,7 @@ def save_figure(summary, path):
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("greedy accuracy (%)")
     ax.set_title("students trained on each selector's top-K (grey: upper bound)", fontsize=9)
-    return training.save_png(fig, path, dpi=120)
+    return files.save_png(fig, path, dpi=120)
 
 
 def checks(summary):
@@ -439,40 +443,32 @@ def checks(summary):
 # ----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    cfg = parse_config(SelectConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST)
-    check_writable(cfg.out_dir, cfg.cache_dir)
-    print_config(cfg)
+def chosen_selectors(cfg):
+    """The selectors named by --selectors, each one known."""
     keys = [k.strip() for k in cfg.selectors.split(",") if k.strip()]
     if not keys:
         raise BadInput(f"--selectors names no selector; choose from {', '.join(SELECTORS)}")
     for key in keys:
         if key not in SELECTORS:
             raise BadInput(f"unknown selector {key!r}; choose from {', '.join(SELECTORS)}")
-    t0 = time.time()
-    pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
-    need(len(pool), cfg.k)  # before any scoring or training
+    return keys
+
+
+def check_scorers(cfg, keys):
+    """The checkpoints the selectors score with exist and are what they should be: fail now, not
+    after minutes of work."""
     needed = {"prm": (PRM_SELECTORS, "prm"), "prm_response": ({"response_prm"}, "prm"),
               "policy": ({"confidence"}, "policy")}
-    for opt, (users, kind) in needed.items():  # fail now, not after minutes of work
+    for opt, (users, kind) in needed.items():
         path = getattr(cfg, opt)
         if users & set(keys):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"no checkpoint at {path!r}: train it first (run.sh), or point --{opt} at it")
             load_prm(path, "cpu") if kind == "prm" else load_checkpoint(path, kind=kind)  # and one that is no PRM
-    device = pick_device(cfg.device)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
-    start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
-    check_never_trained_on(start_ckpt, cfg.init, cfg.data)
-    block_size = start_ckpt["model_args"]["block_size"]
-    pool = records_that_fit(pool, tok, block_size, what="pool records")   # the PRM reads the policy's context
-    need(len(pool), cfg.k)
-    hidden_meta = [r["meta"] for r in pool]
-    records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
-    questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions]
-    lock_out_dir(cfg.out_dir)
 
+
+def pool_scores(keys, records, cfg, device):
+    """{column: a score per record} of the scorers the selectors read (cached_scores)."""
     scores = {}
     if PRM_SELECTORS & set(keys):
         rf = cached_scores(cfg.prm, lambda: load_prm(cfg.prm, device), records, cfg, "ReasonFlux-PRM")
@@ -484,14 +480,12 @@ def main(argv=None):
     if "confidence" in keys:
         scorer = lambda: untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
         scores["confidence"] = [x[1] for x in cached_scores(cfg.policy, scorer, records, cfg, "confidence (policy)")]
-    t_score = time.time() - t0
-    if "rf_worst" in scores:
-        print(f"ReasonFlux-PRM accepts {sum(prm_accepts(scores, False)):,} of {len(records):,} records "
-              f"(every step >= 1/2), {sum(prm_accepts(scores, True)):,} with the trajectory >= 1/2 too")
+    return scores
 
-    start = evaluate_init(cfg, tok, questions, device)
-    print(format_accuracy("start (no training)", start))
-    seeds = [cfg.seed + r for r in range(cfg.seeds)]
+
+def train_students(keys, seeds, records, scores, hidden_meta, cfg, tok, block_size, device, questions):
+    """{selector: one run per seed}: every selector's set, and a student trained on each set
+    (train_student), with what it selected and the set's composition."""
     # every student of a seed is one job; seed by seed, so that an interrupted run has whole rows
     chosen = [(key, seed, select(key, records, scores, cfg.k, seed, hidden_meta if key == "oracle" else None))
               for seed in seeds for key in keys]
@@ -513,16 +507,52 @@ def main(argv=None):
     tokens = [r["tokens"] for runs in rows.values() for r in runs]
     print(f"token budget: every student saw {min(tokens):,}-{max(tokens):,} target tokens "
           f"(budget {cfg.budget_tokens:,}: each trains the fewest steps that reach it)")
+    return rows
 
-    summary = summarise(rows)
-    pool_comp = composition(range(len(pool)), hidden_meta, records)
-    print(format_tables(summary, cfg, len(pool), pool_comp, start))
-    verdict = checks(summary)
-    png = os.path.join(cfg.out_dir, "select.png")
+
+def show_figure(summary, out_dir):
+    """The accuracy bars as a figure, or as text when matplotlib is not installed."""
+    png = os.path.join(out_dir, "select.png")
     if save_figure(summary, png):
         print(f"figure: {png}")
     else:
         print(f"\n{text_bars(summary)}")
+
+
+def main(argv=None):
+    cfg = parse_config(SelectConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST)
+    check_writable(cfg.out_dir, cfg.cache_dir)
+    print_config(cfg)
+    keys = chosen_selectors(cfg)
+    t0 = time.time()
+    pool = read_jsonl(cfg.data, ("question", "answer", "thinking", "response", "meta"))
+    need(len(pool), cfg.k)  # before any scoring or training
+    check_scorers(cfg, keys)
+    device = pick_device(cfg.device)
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
+    start_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
+    check_never_trained_on(start_ckpt, cfg.init, cfg.data)
+    block_size = start_ckpt["model_args"]["block_size"]
+    pool = records_that_fit(pool, tok, block_size, what="pool records")   # the PRM reads the policy's context
+    need(len(pool), cfg.k)
+    hidden_meta = [r["meta"] for r in pool]
+    records = [{k: v for k, v in r.items() if k != "meta"} for r in pool]  # what selectors see
+    questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions]
+    lock_out_dir(cfg.out_dir)
+    scores = pool_scores(keys, records, cfg, device)
+    t_score = time.time() - t0
+    if "rf_worst" in scores:
+        print(f"ReasonFlux-PRM accepts {sum(prm_accepts(scores, False)):,} of {len(records):,} records "
+              f"(every step >= 1/2), {sum(prm_accepts(scores, True)):,} with the trajectory >= 1/2 too")
+    start = evaluate_init(cfg, tok, questions, device)
+    print(format_accuracy("start (no training)", start))
+    seeds, t_train = [cfg.seed + r for r in range(cfg.seeds)], time.time()
+    summary = summarise(train_students(keys, seeds, records, scores, hidden_meta, cfg, tok, block_size, device, questions))
+    pool_comp = composition(range(len(pool)), hidden_meta, records)
+    print(format_tables(summary, cfg, len(pool), pool_comp, start))
+    verdict = checks(summary)
+    show_figure(summary, cfg.out_dir)
     seconds = {"scoring": t_score, "students": time.time() - t_train, "total": time.time() - t0}
     results = {"summary": summary, "start": start, "checks": verdict, "k": cfg.k, "pool_size": len(pool),
                "pool_composition": pool_comp, "seeds": seeds, "seconds": seconds,

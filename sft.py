@@ -15,7 +15,7 @@ student start from it, so distilled data teaches reasoning rather than arithmeti
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
 by number of operations. Other scripts call `train_policy(records, cfg)` to train a
-student under a fixed budget and `model.accuracy(...)` to score it.
+student under a fixed budget and `evaluate.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
@@ -30,14 +30,15 @@ from dataclasses import dataclass, asdict
 import torch
 
 import task
-from model import (GPT, GPTConfig, Tok, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
-                   encode_completion)
-from training import (read_lines, file_digest, save_checkpoint, load_checkpoint, model_from_checkpoint, make_checkpoint,
-                      pick_device, parse_config, print_config, read_jsonl, write_json_atomic, init_distributed,
-                      make_optimizer, train, pack, lm_batch_loss, target_lengths, check_options, require,
-                      check_writable, run_main, BadInput, lock_out_dir, check_resume, given_options,
-                      SHAPE_OPTIONS)
-from model import accuracy, format_accuracy
+from files import (read_lines, file_digest, save_checkpoint, read_jsonl, write_json_atomic, check_writable,
+                   BadInput, lock_out_dir)
+from tokenizer import (Tokenizer, DEFAULT_VOCAB, load_tokenizer, padded_vocab_size, encode_prompt,
+                       encode_completion)
+from model import GPT, GPTConfig
+from options import parse_config, check_options, require, run_main, given_options
+from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume, SHAPE_OPTIONS
+from evaluate import accuracy, format_accuracy
+from training import start_run, wrap_for_training, end_run, make_optimizer, train, lm_batch_loss, target_lengths, pack
 
 
 @dataclass
@@ -90,11 +91,11 @@ PRETRAIN = dict(max_steps=200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps
 SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_questions=16,
              log_every=5, ckpt_every=10, warmup_steps=5)
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
-# the smallest value of each size (training.check_options), and the values of a choice
+# the smallest value of each size (options.check_options), and the values of a choice
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
                 eval_questions=0, log_every=1, ckpt_every=1, stop_at=0, snapshot_step=0)
 CHOICES = dict(subset=("all", "clean"))
-# what a resume may change (training.check_resume): where and how often it writes, when it stops,
+# what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes what is trained
 RESUME_FREE = {"out_dir", "resume", "stop_at", "max_steps", "log_every", "ckpt_every", "snapshot_step",
                "snapshot_dir", "test", "eval_questions", "sample_temperature", "device", "compile", "preset",
@@ -138,9 +139,6 @@ def select_subset(records, subset):
 
 
 # ----------------------------------------------------------------------------
-# evaluation
-
-# ----------------------------------------------------------------------------
 # training
 
 def new_model(cfg, tok, device):
@@ -172,7 +170,7 @@ def train_policy(records, cfg, device="cpu", log=print):
     Returns (model, {"tokens": target tokens seen, "loss": final loss}). Used by select_data.py.
     """
     torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     model = new_model(cfg, tok, device)
     X, Y = pack(build_examples(records, tok, cfg.template_frac, cfg.seed), model.config.block_size, tok.eot)
     info = train(model, lm_batch_loss(X, Y, device), target_lengths(Y), cfg, device, log=log)
@@ -190,11 +188,8 @@ def format_comparison(dirs):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    cfg = parse_config(SFTConfig, argv, PRESETS, __doc__)
-    if cfg.compare:
-        print(format_comparison(cfg.compare.split(",")))
-        return
+def check_sft_options(cfg):
+    """Refuse impossible options before any work (shape, snapshot, output folders)."""
     check_options(cfg, AT_LEAST, CHOICES)
     require(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0,
             f"--n_embd={cfg.n_embd} must split into --n_head={cfg.n_head} heads of an even size (rotary pairs)")
@@ -204,26 +199,27 @@ def main(argv=None):
                 f"--snapshot_step={cfg.snapshot_step} must be below --max_steps={cfg.max_steps} and a multiple "
                 f"of --ckpt_every={cfg.ckpt_every} (the snapshot is taken when a checkpoint is)")
     check_writable(cfg.out_dir, cfg.snapshot_dir)
-    device = pick_device(cfg.device)
-    rank, world, device = init_distributed(device)
-    if rank == 0:
-        print_config(cfg)
-    torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
 
-    t0 = time.time()
+
+def lineage(cfg, tok, argv):
+    """(origin, resumed): what this model was trained on, run after run (select_data.py refuses a
+    student start trained on its pool), and the checkpoint a --resume goes on from (None for a fresh
+    run), checked now, before any work. A model started from --init keeps its shape (keep_shape)."""
     data = cfg.facts if cfg.pretrain else cfg.data
-    # what this model was trained on, run after run: select_data.py refuses a student start trained on its pool
     parent = load_checkpoint(cfg.init, kind="policy", enc=tok.enc) if cfg.init else {}
     if parent:
         keep_shape(cfg, parent, given_options(argv))
     origin = parent.get("origin", []) + [{"data": data, "sha256": file_digest(data), "subset": cfg.subset}]
     resumed = None
-    if cfg.resume and os.path.exists(ckpt_path):   # checked now, before any work
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
         resumed = load_checkpoint(ckpt_path, kind="policy", enc=tok.enc)
         check_resume(resumed, ckpt_path, cfg, RESUME_FREE)
+    return origin, resumed
+
+
+def read_examples(cfg, tok):
+    """The (prompt, completion) examples to train on: facts (--pretrain) or the records' examples."""
     if cfg.pretrain:
         examples = fact_examples(cfg.facts, tok, cfg.block_size)
     else:
@@ -231,6 +227,65 @@ def main(argv=None):
         examples = build_examples(records, tok, cfg.template_frac, cfg.seed)
     source = cfg.facts if cfg.pretrain else f"{cfg.data} (--subset={cfg.subset})"
     require(examples, f"{source}: nothing to train on")
+    return examples
+
+
+def resume_or_start(model, cfg, resumed, device, rank):
+    """(optimizer, start step): the resumed checkpoint's weights and optimizer state, or a fresh
+    optimizer and a fresh metrics log."""
+    optimizer = make_optimizer(model, cfg, device)
+    if not resumed:
+        metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        if rank == 0 and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # a fresh run starts a fresh log
+        return optimizer, 0
+    model.load_state_dict(model_from_checkpoint(resumed, device).state_dict())
+    optimizer.load_state_dict(resumed["optimizer"])
+    if rank == 0:
+        print(f"resuming from {os.path.join(cfg.out_dir, 'ckpt.pt')} at step {resumed['step']}")
+    return optimizer, resumed["step"]
+
+
+def checkpoint_saver(cfg, model, tok, origin, rank):
+    """The ckpt_fn of training.train: the checkpoint (rank 0), and the snapshot at --snapshot_step."""
+    def save(step, opt):
+        if rank != 0:
+            return
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
+                        make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
+                                        optimizer=opt.state_dict(), step=step))
+        if step == cfg.snapshot_step:  # the same weights, kept: an earlier model of this very run
+            save_checkpoint(os.path.join(cfg.snapshot_dir, "ckpt.pt"),
+                            make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin, step=step))
+            print(f"snapshot of step {step}: {cfg.snapshot_dir}/ckpt.pt")
+    return save
+
+
+def evaluate_policy(model, tok, questions, cfg, device, train_s, info):
+    """Greedy and sampled accuracy on the test questions: printed, in eval.json and the metrics log."""
+    greedy = accuracy(model, tok, questions)
+    sampled = accuracy(model, tok, questions, cfg.sample_temperature,
+                       torch.Generator(device=device).manual_seed(cfg.seed))
+    print(format_accuracy("greedy", greedy))
+    print(format_accuracy(f"sampled (T={cfg.sample_temperature})", sampled))
+    result = {"greedy": greedy, "sampled": sampled, "train_seconds": train_s,
+              "subset": cfg.subset, "tokens": info["tokens"], "config": asdict(cfg)}
+    write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), result)
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": cfg.max_steps, "eval_greedy": greedy["acc"],
+                            "eval_sampled": sampled["acc"]}) + "\n")
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, argv, PRESETS, __doc__)
+    if cfg.compare:
+        print(format_comparison(cfg.compare.split(",")))
+        return
+    check_sft_options(cfg)
+    rank, world, device, tok = start_run(cfg)
+    t0 = time.time()
+    origin, resumed = lineage(cfg, tok, argv)
+    examples = read_examples(cfg, tok)
     evaluating = rank == 0 and cfg.eval_questions and not cfg.pretrain
     questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions] if evaluating else []
     model = new_model(cfg, tok, device)
@@ -241,52 +296,18 @@ def main(argv=None):
     if rank == 0:
         print(f"{len(examples):,} examples, {int((Y != -1).sum()):,} target tokens, "
               f"model {model.num_params() / 1e6:.2f}M parameters, data ready in {time.time() - t0:.1f}s")
-
-    optimizer = make_optimizer(model, cfg, device)
-    start_step = 0
-    if resumed:
-        model.load_state_dict(model_from_checkpoint(resumed, device).state_dict())
-        optimizer.load_state_dict(resumed["optimizer"])
-        start_step = resumed["step"]
-        if rank == 0:
-            print(f"resuming from {ckpt_path} at step {start_step}")
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log
-
-    train_model = torch.compile(model) if cfg.compile else model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-
-    def save(step, opt):
-        if rank != 0:
-            return
-        save_checkpoint(ckpt_path, make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
-                                                   optimizer=opt.state_dict(), step=step))
-        if step == cfg.snapshot_step:  # the same weights, kept: an earlier model of this very run
-            save_checkpoint(os.path.join(cfg.snapshot_dir, "ckpt.pt"),
-                            make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin, step=step))
-            print(f"snapshot of step {step}: {cfg.snapshot_dir}/ckpt.pt")
-
-    info = train(train_model, lm_batch_loss(X, Y, device, world), target_lengths(Y), cfg, device, rank, world,
-                 ckpt_fn=save, start_step=start_step, optimizer=optimizer, metrics_path=metrics_path,
-                 stop_at=cfg.stop_at)
+    optimizer, start_step = resume_or_start(model, cfg, resumed, device, rank)
+    info = train(wrap_for_training(model, cfg.compile, world), lm_batch_loss(X, Y, device, world), target_lengths(Y),
+                 cfg, device, rank, world, ckpt_fn=checkpoint_saver(cfg, model, tok, origin, rank),
+                 start_step=start_step, optimizer=optimizer,
+                 metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), stop_at=cfg.stop_at)
     train_s = time.time() - t0
     if rank == 0:
-        print(f"trained {min(cfg.stop_at or cfg.max_steps, cfg.max_steps) - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
+        print(f"trained {min(cfg.stop_at or cfg.max_steps, cfg.max_steps) - start_step} steps in {train_s:.0f}s, "
+              f"{info['tokens']:,} target tokens")
     if evaluating:
-        greedy = accuracy(model, tok, questions)
-        sampled = accuracy(model, tok, questions, cfg.sample_temperature,
-                           torch.Generator(device=device).manual_seed(cfg.seed))
-        print(format_accuracy("greedy", greedy))
-        print(format_accuracy(f"sampled (T={cfg.sample_temperature})", sampled))
-        result = {"greedy": greedy, "sampled": sampled, "train_seconds": train_s,
-                  "subset": cfg.subset, "tokens": info["tokens"], "config": asdict(cfg)}
-        write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), result)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": cfg.max_steps, "eval_greedy": greedy["acc"],
-                                "eval_sampled": sampled["acc"]}) + "\n")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # launched by torchrun
-        torch.distributed.destroy_process_group()
+        evaluate_policy(model, tok, questions, cfg, device, train_s, info)
+    end_run()
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ is then its mean over size-N subsets of those N_max samples: all of them when th
 most `n_subsets` (exact), otherwise `n_subsets` random subsets per question (Monte Carlo).
 All choosers see the same subsets, so their differences carry less noise than their levels.
 Ties are broken deterministically: the lowest sample index wins (for votes: the answer
-seen first). A sample's answer is read from its response (`Answer: N`), as model.accuracy does.
+seen first). A sample's answer is read from its response (`Answer: N`), as evaluate.accuracy does.
 
 Where this departs from the paper:
   * the policy and the PRMs are the small models the earlier stages trained, on held-out
@@ -50,12 +50,14 @@ from dataclasses import dataclass, asdict
 
 import torch
 
+import files
 import task
-import training
-from model import Tok, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record, generate_completions, format_eta
-from training import (load_checkpoint, model_from_checkpoint, pick_device, pack, parse_config, print_config,
-                      read_jsonl, write_json_atomic, check_options, require, check_writable, run_main, lock_out_dir,
-                      skip_long_prompts, BadInput)
+from files import read_jsonl, write_json_atomic, check_writable, lock_out_dir, skip_long_prompts, BadInput
+from tokenizer import Tokenizer, DEFAULT_VOCAB, load_tokenizer, encode_prompt, completion_record
+from options import format_eta, parse_config, print_config, check_options, require, run_main
+from checkpoints import load_checkpoint, model_from_checkpoint
+from evaluate import generate_completions
+from training import pick_device, pack
 from rfprm import load_prm, untrained_scorer, aggregate, AGGREGATIONS
 
 
@@ -84,7 +86,7 @@ class TTSConfig:
 GPU = dict(n_questions=1000, n_samples=64, ns="1,2,4,8,16,32,64")  # a tighter curve, one more N
 SMOKE = dict(n_questions=8, n_samples=8, ns="1,2,4,8", n_subsets=50, max_new_tokens=48, batch_size=64)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
-AT_LEAST = dict(n_questions=1, n_samples=1, n_subsets=1, max_new_tokens=1, batch_size=1)  # training.check_options
+AT_LEAST = dict(n_questions=1, n_samples=1, n_subsets=1, max_new_tokens=1, batch_size=1)  # options.check_options
 
 SCORERS = {"ReasonFlux-PRM": "prm", "response-only PRM": "prm_response", "outcome scorer": "prm_outcome"}
 WEIGHTS = "ReasonFlux-PRM"  # Best-of-N by each PRM's total; the weighted vote adds up this one's
@@ -348,7 +350,7 @@ def text_plot(curves, ns, height=14):
 
 def save_figure(curves, ns, path):
     """Accuracy against N (log2 axis) as a PNG; False when matplotlib is not importable."""
-    plt = training.pyplot()
+    plt = files.pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
@@ -360,7 +362,7 @@ def save_figure(curves, ns, path):
     ax.set_xlabel("N (samples per question)")
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=7)
-    return training.save_png(fig, path, dpi=120)
+    return files.save_png(fig, path, dpi=120)
 
 
 def checks(curves, per_question, ns):
@@ -386,40 +388,31 @@ def checks(curves, per_question, ns):
 # ----------------------------------------------------------------------------
 
 
-def main(argv=None):
-    cfg = parse_config(TTSConfig, argv, PRESETS, __doc__)
-    check_options(cfg, AT_LEAST, ranges={"temperature": "[0, inf)"})   # 0: greedy, every sample alike
-    check_writable(cfg.out_dir)
-    print_config(cfg)
+def parse_ns(cfg):
+    """The Ns of --ns, checked against the samples there are, before minutes of sampling."""
     try:
         ns = [int(n) for n in cfg.ns.split(",") if n.strip()]
     except ValueError:
         raise BadInput(f"--ns must be comma-separated integers like 1,2,4,8, got {cfg.ns!r}") from None
     require(ns, f"--ns names no N; give comma-separated integers like 1,2,4,8")
-    check_sizes(ns, cfg.n_samples)  # before minutes of sampling
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
-    questions = read_jsonl(cfg.test, ("question", "answer"))[:cfg.n_questions]
+    check_sizes(ns, cfg.n_samples)
+    return ns
+
+
+def load_scorers(cfg, device):
+    """{name: PRM} of the PRMs given; every one is loaded now (its tokenizer, its weights), not after
+    the sampling."""
     prm_paths = {name: getattr(cfg, opt) for name, opt in SCORERS.items() if getattr(cfg, opt) or name == WEIGHTS}
-    for name, p in prm_paths.items():  # fail now, not after the sampling
+    for name, p in prm_paths.items():
         if not os.path.exists(p):
             raise FileNotFoundError(f"no {name} checkpoint at {p!r}: train it with train_prm.py, "
                                     f"or point --{SCORERS[name]} at it")
-    # every PRM is loaded now (its tokenizer, its weights), not after the sampling
-    scorers = {name: load_prm(path, device) for name, path in prm_paths.items()}
-    t0 = time.time()
+    return {name: load_prm(path, device) for name, path in prm_paths.items()}
 
-    policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
-    questions = skip_long_prompts(questions, [len(encode_prompt(tok, q["question"])) for q in questions],
-                                  policy.config.block_size, "questions")
-    require(questions, f"{cfg.test}: no question fits the policy's context")
-    lock_out_dir(cfg.out_dir)
-    print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
-    comps = sample_all(policy, tok, questions, cfg, device)
-    records, answers, correct = to_records(tok, questions, comps, cfg.n_samples)
-    t_sample = time.time() - t0
 
+def score_samples(scorers, policy, tok, questions, comps, records, cfg, device):
+    """({scorer: scores (Q, M)}, distinct samples): every sample scored by the PRMs, the confidence
+    baseline and the policy's likelihood, each distinct completion once (score_unique)."""
     keys = [(k // cfg.n_samples, tuple(c)) for k, c in enumerate(comps)]
     scorers[CONFIDENCE] = untrained_scorer(cfg.policy, cfg.tokenizer, "confidence", device)
     # each scorer gives a dict per sample ({"step", "response", "trajectory", "total"} for a PRM)
@@ -433,8 +426,57 @@ def main(argv=None):
         scores[name] = torch.tensor([v["total"] for v in values]).view(len(questions), cfg.n_samples)
         if name == WEIGHTS:   # the same scores aggregated other ways: rows below it, no other forward pass
             scores.update(aggregated_rows(values, scorers[name].alpha, (len(questions), cfg.n_samples)))
-    t_score = time.time() - t0 - t_sample
+    return scores, n_unique
 
+
+def load_policy(cfg, tok, questions, device):
+    """The policy, and the questions whose prompt leaves room in its context."""
+    policy = model_from_checkpoint(load_checkpoint(cfg.policy, kind="policy", enc=tok.enc), device).eval()
+    questions = skip_long_prompts(questions, [len(encode_prompt(tok, q["question"])) for q in questions],
+                                  policy.config.block_size, "questions")
+    require(questions, f"{cfg.test}: no question fits the policy's context")
+    return policy, questions
+
+
+def paired_differences(curves, per_question):
+    """ReasonFlux-PRM minus each rival, per N (mean, standard error over questions): the trends
+    table reads these."""
+    return {rival: paired_difference(per_question, WEIGHTS, rival) for rival in curves if rival != WEIGHTS}
+
+
+def show_figure(curves, ns, out_dir):
+    """The headline curves as a figure, or as a text plot (printed and in tts_plot.txt) without matplotlib."""
+    png = os.path.join(out_dir, "tts.png")
+    headline = {k: v for k, v in curves.items() if not k.startswith("  ")}   # 17 curves would hide each other
+    if save_figure(headline, ns, png):
+        print(f"figure: {png}")
+    else:
+        plot = text_plot(headline, ns)
+        print(plot)
+        with open(os.path.join(out_dir, "tts_plot.txt"), "w") as f:
+            f.write(plot + "\n")
+
+
+def main(argv=None):
+    cfg = parse_config(TTSConfig, argv, PRESETS, __doc__)
+    check_options(cfg, AT_LEAST, ranges={"temperature": "[0, inf)"})   # 0: greedy, every sample alike
+    check_writable(cfg.out_dir)
+    print_config(cfg)
+    ns = parse_ns(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
+    questions = read_jsonl(cfg.test, ("question", "answer"))[:cfg.n_questions]
+    scorers = load_scorers(cfg, device)   # fail now, not after the sampling
+    t0 = time.time()
+    policy, questions = load_policy(cfg, tok, questions, device)
+    lock_out_dir(cfg.out_dir)
+    print(f"{len(questions)} questions x {cfg.n_samples} samples at temperature {cfg.temperature}")
+    comps = sample_all(policy, tok, questions, cfg, device)
+    records, answers, correct = to_records(tok, questions, comps, cfg.n_samples)
+    t_sample = time.time() - t0
+    scores, n_unique = score_samples(scorers, policy, tok, questions, comps, records, cfg, device)
+    t_score = time.time() - t0 - t_sample
     Q, M = len(questions), cfg.n_samples
     correct = torch.tensor(correct).view(Q, M)
     answer_ids = answer_classes([answers[q * M:(q + 1) * M] for q in range(Q)])
@@ -445,23 +487,12 @@ def main(argv=None):
     print(f"samples: {n_unique:,} distinct of {Q * M:,}, {answered:.1%} with a parsable answer, "
           f"{correct.float().mean():.1%} right; sampling {t_sample:.0f}s, scoring {t_score:.0f}s, "
           f"subset estimates {t_estimate:.1f}s")
-
     print(format_table(curves, ns))
     print(format_picked_answers(scores, answers, questions))
     verdict = checks(curves, per_question, ns)
-    png = os.path.join(cfg.out_dir, "tts.png")
-    headline = {k: v for k, v in curves.items() if not k.startswith("  ")}   # 17 curves would hide each other
-    if save_figure(headline, ns, png):
-        print(f"figure: {png}")
-    else:
-        plot = text_plot(headline, ns)
-        print(plot)
-        with open(os.path.join(cfg.out_dir, "tts_plot.txt"), "w") as f:
-            f.write(plot + "\n")
-    # ReasonFlux-PRM minus each rival, per N (mean, standard error over questions): the trends table reads these
-    paired = {rival: paired_difference(per_question, WEIGHTS, rival) for rival in curves if rival != WEIGHTS}
-    results = {"curves": curves, "checks": verdict, "paired": paired, "n_questions": Q, "n_samples": M,
-               "distinct_samples": n_unique, "answered": answered,
+    show_figure(curves, ns, cfg.out_dir)
+    results = {"curves": curves, "checks": verdict, "paired": paired_differences(curves, per_question),
+               "n_questions": Q, "n_samples": M, "distinct_samples": n_unique, "answered": answered,
                "seconds": {"sampling": t_sample, "scoring": t_score, "estimate": t_estimate},
                "config": asdict(cfg)}
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"), results)

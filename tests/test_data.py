@@ -8,8 +8,8 @@ import pytest
 
 import task
 from conftest import run_script
-from model import load_tokenizer, Tok, encode_prompt, encode_completion
-from training import read_jsonl
+from files import read_jsonl
+from tokenizer import load_tokenizer, Tokenizer, encode_prompt, encode_completion
 
 
 def test_prepare_is_deterministic(tmp_path):
@@ -46,7 +46,7 @@ def test_digits_are_one_per_token(smoke_data):
 
 
 def test_special_tokens_and_record_layout(smoke_data):
-    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     assert len({tok.eot, tok.think, tok.end_think}) == 3
     ids = encode_prompt(tok, "1 + 2") + encode_completion(tok, ["1 + 2 = 3"], ["1. 1 + 2 = 3", "Answer: 3"])
     text = tok.enc.decode(ids)

@@ -1,7 +1,7 @@
 """The README's exercises, each run small (--smoke, the smoke fixtures) and checked on a
 property of its result that would not hold if the option were ignored.
 
-The PRM options are checked on the training labels they produce (train_prm.targets_for, on
+The PRM options are checked on the training labels they produce (rewards.targets_for, on
 the reward design the smoke_prms fixture cached), then end to end: a PRM without coherence
 trains and Best-of-N reads it.
 """
@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from conftest import run_script, data_args, ROOT
-from model import Tok, load_tokenizer, encode_prompt, encode_completion
-from rfprm import load_prm, fuse_rewards, gated_fusion
-from training import parse_config, read_jsonl, load_checkpoint, skip_long_prompts, file_digest
+from files import read_jsonl, skip_long_prompts, file_digest
+from tokenizer import Tokenizer, load_tokenizer, encode_prompt, encode_completion
+from options import parse_config
+from checkpoints import load_checkpoint
+from rewards import fuse_rewards, gated_fusion
+from rfprm import load_prm
 import grpo
+import rewards
 import select_data
 import sft
 import task
@@ -35,12 +39,12 @@ def prm_targets(smoke_data, smoke_policy, cache_dir, *options):
     cfg = parse_config(train_prm.PRMConfig, ["--smoke", f"--policy={smoke_policy}", f"--data={smoke_data}/train.jsonl",
                                              f"--tokenizer={smoke_data}/tokenizer.tiktoken",
                                              f"--cache_dir={cache_dir}", *options], train_prm.PRESETS)
-    tok = Tok(load_tokenizer(cfg.tokenizer))
+    tok = Tokenizer(load_tokenizer(cfg.tokenizer))
     records = read_jsonl(cfg.data, ("question", "answer", "thinking", "response"))
     records, questions = records[:cfg.n_train], records[cfg.n_train:]
     block = load_checkpoint(cfg.policy, kind="policy", enc=tok.enc)["model_args"]["block_size"]
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block)
-    records, targets = train_prm.targets_for(cfg, records, questions, tok)
+    records, targets = rewards.targets_for(cfg, records, questions, tok)
     return targets, records, cfg
 
 
@@ -53,7 +57,7 @@ def design(smoke_data, smoke_policy, smoke_prms):
     """The smoke reward design (cached by the smoke_prms fixture) and its cache folder."""
     cache = smoke_prms["fused"].parent.parent / "rewards"
     _, records, cfg = prm_targets(smoke_data, smoke_policy, cache)
-    path = cache / f"design-{train_prm.cache_key(cfg, [cfg.data, cfg.policy], train_prm.DESIGN_KEYS)}.pt"
+    path = cache / f"design-{rewards.cache_key(cfg, [cfg.data, cfg.policy], rewards.DESIGN_KEYS)}.pt"
     d = torch.load(path, weights_only=True)
     assert len(d["quality"]) == len(records)
     return d, cache

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from model import GPT, GPTConfig, Tok, load_tokenizer, encode_completion, split_completion
+from tokenizer import Tokenizer, load_tokenizer, encode_completion, split_completion
+from model import GPT, GPTConfig
 import grpo
+import grpo_objective
 import training
 
 
@@ -16,25 +18,25 @@ def test_group_advantages_hand_computed():
     r = torch.tensor([1., 0., 0., 0., 1., 1., 0., 0.])
     # group 1: mean 1/4, unbiased std sqrt((9/16 + 3/16) / 3) = 1/2; group 2: mean 1/2, std sqrt(1/3)
     want = [1.5, -0.5, -0.5, -0.5] + [0.5 / math.sqrt(1 / 3)] * 2 + [-0.5 / math.sqrt(1 / 3)] * 2
-    assert grpo.group_advantages(r, 4, scale_std=True).tolist() == pytest.approx(want, rel=1e-3)
+    assert grpo_objective.group_advantages(r, 4, scale_std=True).tolist() == pytest.approx(want, rel=1e-3)
     # Dr. GRPO: no division by the std
-    assert grpo.group_advantages(r, 4, scale_std=False).tolist() == pytest.approx([.75, -.25, -.25, -.25, .5, .5, -.5, -.5])
+    assert grpo_objective.group_advantages(r, 4, scale_std=False).tolist() == pytest.approx([.75, -.25, -.25, -.25, .5, .5, -.5, -.5])
     # groups are contiguous: the same rewards grouped by 2 give other advantages
-    assert grpo.group_advantages(r, 2, scale_std=True).tolist()[2:4] == [0.0, 0.0]
+    assert grpo_objective.group_advantages(r, 2, scale_std=True).tolist()[2:4] == [0.0, 0.0]
 
 
 def test_equal_rewards_give_zero_advantage_and_no_nan():
     r = torch.tensor([0.3] * 4 + [1.0] * 4 + [0.0] * 4)
     for scale in (True, False):
-        a = grpo.group_advantages(r, 4, scale_std=scale)
+        a = grpo_objective.group_advantages(r, 4, scale_std=scale)
         assert torch.isfinite(a).all() and (a == 0).all()
     # process supervision: equal step rewards in a group -> zero reward-to-go everywhere
     steps = torch.full((4, 3), 0.6)
-    a = grpo.process_advantages(steps, torch.tensor([[1, 3, 5]] * 4), torch.ones(4, 3, dtype=torch.bool), 2, 6, True)
+    a = grpo_objective.process_advantages(steps, torch.tensor([[1, 3, 5]] * 4), torch.ones(4, 3, dtype=torch.bool), 2, 6, True)
     assert torch.isfinite(a).all() and (a == 0).all()
     # and the loss of a batch with zero advantages and no KL is finite and exactly 0
     logp = torch.log(torch.rand(3, 5) * 0.9 + 0.05)
-    loss, stats = grpo.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(3), torch.ones(3, 5))
+    loss, stats = grpo_objective.grpo_loss(logp, logp.detach(), logp.detach(), torch.zeros(3), torch.ones(3, 5))
     assert torch.isfinite(loss) and float(loss) == 0.0
 
 
@@ -60,18 +62,18 @@ def test_grpo_loss_hand_computed_clipped_branch_and_kl():
     # A = −1: min(−1.5, −1.2) = −1.5, min(−0.5, −0.8) = −0.8 (clipped), third token masked
     row0 = [-(1.2 - c * k3(1.5)), -(0.5 - c * k3(0.5)), -(1.1 - c * k3(1.1))]
     row1 = [-(-1.5 - c * k3(1.5)), -(-0.8 - c * k3(0.5))]
-    loss, stats = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c)
+    loss, stats = grpo_objective.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c)
     assert float(loss.detach()) == pytest.approx((sum(row0) + sum(row1)) / 5, rel=1e-5)
     assert float(stats["kl"]) == pytest.approx((2 * k3(1.5) + 2 * k3(0.5) + k3(1.1)) / 5, rel=1e-5)
     assert float(stats["clip_frac"]) == pytest.approx(2 / 5)
-    seq, _ = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c, agg="sequence")
+    seq, _ = grpo_objective.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=c, agg="sequence")
     assert float(seq.detach()) == pytest.approx((sum(row0) / 3 + sum(row1) / 2) / 2, rel=1e-5)
     # DAPO clip-higher: ε_high = 0.6 no longer clips ratio 1.5 for A > 0; the lower side is unchanged
-    hi, stats_hi = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.0, clip_high=0.6)
+    hi, stats_hi = grpo_objective.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.0, clip_high=0.6)
     assert float(hi.detach()) == pytest.approx(-(1.5 + 0.5 + 1.1 - 1.5 - 0.8) / 5, rel=1e-5)
     assert float(stats_hi["clip_frac"]) == pytest.approx(1 / 5)
     # gradient: zero on clipped tokens and masked tokens, −A·ratio/N elsewhere (no KL)
-    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, kl_coef=0.0)
+    loss, _ = grpo_objective.grpo_loss(logp, old, None, adv, mask, clip_eps=0.2, kl_coef=0.0)
     loss.backward()
     want = torch.tensor([[0.0, -0.5, -1.1], [1.5, 0.0, 0.0]]) / 5
     assert torch.allclose(logp.grad, want, atol=1e-6)
@@ -91,9 +93,9 @@ def test_mu_1_ratio_is_one_and_gradient_is_the_policy_gradient():
     grads = {}
     for name in ("grpo", "pg"):
         model.zero_grad()
-        logp, _ = grpo.token_logprobs(model, X, Y, temperature=0.7)
+        logp, _ = grpo_objective.token_logprobs(model, X, Y, temperature=0.7)
         if name == "grpo":
-            loss, stats = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=0.04)
+            loss, stats = grpo_objective.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=0.04)
             assert float(stats["ratio"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
             assert float(stats["kl"]) == pytest.approx(0.0, abs=1e-7)
         else:  # REINFORCE with the group advantage: −Σ Â log π / Σ|o|
@@ -104,10 +106,10 @@ def test_mu_1_ratio_is_one_and_gradient_is_the_policy_gradient():
     assert torch.allclose(grads["grpo"], grads["pg"], atol=1e-6)
     # optimise() with μ = 1 takes the same step: ratio 1, nothing clipped
     cfg = grpo.GRPOConfig(mu=1, lr=1e-3, temperature=0.7)
-    stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+    stats = grpo_objective.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
     assert float(stats["ratio"]) == pytest.approx(1.0) and float(stats["clip_frac"]) == 0.0
     # μ = 3: later passes see ratio ≠ 1 (the policy moved since sampling)
-    stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv,
+    stats = grpo_objective.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv,
                           grpo.GRPOConfig(mu=3, lr=1e-2, temperature=0.7))
     assert abs(float(stats["ratio"]) - 1.0) > 1e-4
 
@@ -128,9 +130,9 @@ def test_length_chunks_take_the_same_step_as_one_batch(agg, per_token):
         torch.manual_seed(1)
         model, ref = GPT(cfg0), GPT(cfg0)
         cfg = grpo.GRPOConfig(mu=2, lr=1e-2, temperature=0.8, loss_agg=agg, chunks=chunks)
-        stats = grpo.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
+        stats = grpo_objective.optimise(model, ref, training.make_optimizer(model, cfg, "cpu"), X, Y, adv, cfg)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), stats))
-    assert [w for _, w in grpo.length_chunks(Y, 3)] == [10, 7, 4]   # longest first, each as wide as it needs
+    assert [w for _, w in grpo_objective.length_chunks(Y, 3)] == [10, 7, 4]   # longest first, each as wide as it needs
     (p1, s1), (p3, s3) = results
     assert torch.allclose(p1, p3, atol=1e-5)
     for k in ("loss", "entropy", "kl", "ratio", "clip_frac"):
@@ -144,33 +146,33 @@ def test_process_advantages_hand_computed_reward_to_go():
     r = torch.tensor([[1.0, 0.2, 0.6], [0.0, 0.7, 9.9], [0.3, 0.3, 0.0], [0.3, 0.0, 0.0]])
     pos = torch.tensor([[1, 3, 5], [2, 4, 0], [0, 5, 0], [2, 0, 0]])
     m = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
-    a = grpo.process_advantages(r, pos, m, group_size=2, T=6, scale_std=True)
+    a = grpo_objective.process_advantages(r, pos, m, group_size=2, T=6, scale_std=True)
     want = [[0.75, 0.75, -0.5, -0.5, 0.25, 0.25],
             [-0.75, -0.75, -0.75, 0.5, 0.5, 0.0],
             [0.0] * 6, [0.0] * 6]
     assert a.tolist() == [pytest.approx(w, abs=1e-3) for w in want]
     # without std scaling: deviations from the mean 0.5 summed to go
-    a = grpo.process_advantages(r, pos, m, group_size=2, T=6, scale_std=False)
+    a = grpo_objective.process_advantages(r, pos, m, group_size=2, T=6, scale_std=False)
     assert a[0].tolist() == pytest.approx([0.3, 0.3, -0.2, -0.2, 0.1, 0.1])
     assert a[1].tolist() == pytest.approx([-0.3, -0.3, -0.3, 0.2, 0.2, 0.0])
 
 
 def test_step_ends_match_split_completion(smoke_data):
-    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     thinking = ["first, 5 - 2 = 3", "  ", "then 4 * 3 = 12", "so the answer is 12"]
     ids = encode_completion(tok, thinking, ["1. 4 * 3 = 12", "Answer: 12"])
     lines, _ = split_completion(tok, ids)
     assert len(lines) == 3, "the blank line is not a step"
     Y = torch.tensor([[-1, -1] + ids])                         # two prompt positions
-    tables = grpo.token_tables(tok, 512)
-    ends = grpo.thinking_step_ends(Y, tok, tables)[0].nonzero().flatten().tolist()
+    tables = grpo_objective.token_tables(tok, 512)
+    ends = grpo_objective.thinking_step_ends(Y, tok, tables)[0].nonzero().flatten().tolist()
     assert len(ends) == 3 and Y[0, ends[-1]] == tok.end_think
     # each end is the last token of its line: the text decoded up to it ends the line
     for end, line in zip(ends, lines):
         text = tok.enc.decode([i for i in Y[0, 2:end + 1].tolist() if i < tok.eot])
         assert text.rstrip("\n ").endswith(line.strip())
     scores = [{"step": [0.1, 0.2, 0.3], "trajectory": 0.5}]
-    r, pos, m = grpo.process_inputs(Y, scores, alpha=1.0, tok=tok, tables=tables)
+    r, pos, m = grpo_objective.process_inputs(Y, scores, alpha=1.0, tok=tok, tables=tables)
     assert pos[0].tolist() == ends + [Y.size(1) - 1] and r[0].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.5])
     assert m.all()
 
@@ -191,7 +193,7 @@ def test_grpo_improves_reward_on_a_toy_task():
         out = model.generate(idx, L, temperature=1.0, generator=gen)     # (GQ, 1 + L)
         reward = (out[:, 1:] == 5).float().mean(1)                       # the fraction of 5s
         X, Y = out[:, :-1], out[:, 1:].clone()
-        grpo.optimise(model, ref, opt, X, Y, grpo.group_advantages(reward, G, scale_std=True), cfg)
+        grpo_objective.optimise(model, ref, opt, X, Y, grpo_objective.group_advantages(reward, G, scale_std=True), cfg)
         curve.append(float(reward.mean()))
     assert curve[0] < 0.3 and sum(curve[-5:]) / 5 > 0.8, curve  # from chance (1/8) to mostly 5s
 
@@ -217,7 +219,7 @@ def test_grpo_smoke_run_process_and_resume(smoke_data, smoke_policy, smoke_prms,
     res = json.loads((out / "results.json").read_text())
     assert res["variant"] == "mix+process β=0.75" and 0.0 <= res["final"]["acc"] <= 1.0
     # resume: two more steps from the checkpoint at step 4, with the options it was trained with
-    # (another --mu would be refused: training.check_resume)
+    # (another --mu would be refused: checkpoints.check_resume)
     proc = run_script(*args, "--process=true", "--mu=2", "--clip_high=0.28", "--loss_agg=sequence", "--resume",
                       "--max_steps=6")
     assert "resuming from" in proc.stdout and "step    5/6" in proc.stdout
@@ -298,7 +300,7 @@ def test_expert_steps_relabel_every_step_and_keep_the_trajectory(smoke_data, smo
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(smoke_data, smoke_policy, smoke_prms,
                                                                              tmp_path, monkeypatch):
-    out, calls, optimise = tmp_path / "nan", [], grpo.optimise
+    out, calls, optimise = tmp_path / "nan", [], grpo_objective.optimise
 
     def nan_from_the_third_step(*args):
         calls.append(1)

@@ -1,7 +1,7 @@
 """Hostile input: every bad file, record or option ends in one line on stderr, exit code 2, nothing written.
 
 The probes are a table: each defect against every script it reaches, on a copy of the smoke
-data with the defect in record 3 (line 3). They run in-process through training.run_main, the
+data with the defect in record 3 (line 3). They run in-process through options.run_main, the
 wrapper every script's __main__ uses, and fail before any model is loaded; one of them also
 runs as a real subprocess. The parsers of task.py are fuzzed separately.
 """
@@ -18,14 +18,18 @@ import pytest
 import torch
 
 from conftest import ROOT, run_script
-from model import load_tokenizer, vocab_fingerprint, generate_completions
+from tokenizer import load_tokenizer, vocab_fingerprint
+from evaluate import generate_completions
+import files
 import grpo
+import options
+import rewards
 import rfprm
 import select_data
 import sft
 import task
-import training
 import train_prm
+import training
 import tts
 
 spec = importlib.util.spec_from_file_location("prepare", os.path.join(ROOT, "data", "arith", "prepare.py"))
@@ -234,7 +238,7 @@ def make_probes(D, ckpt, tmp):
     o = out()
     add("--cache_dir: inside a file", "select_data.py", sel_args(o) + [f"--cache_dir={a_file}/scores"], str(a_file), o)
 
-    # float options out of their range (training.RANGES), before any work
+    # float options out of their range (options.RANGES), before any work
     for script, argv, opts in (
             ("sft.py", sft_args, ("--lr=nan", "--lr=-1", "--lr=0", "--dropout=1", "--grad_clip=0",
                                   "--template_frac=1", "--sample_temperature=inf", "--weight_decay=-0.1")),
@@ -286,7 +290,7 @@ def make_probes(D, ckpt, tmp):
                          ("data/arith/prepare.py", prepare_args)):
         o = out()
         o.mkdir()
-        (o / training.LOCK_NAME).write_text(f"{os.getppid()}\n")   # a live process's lock
+        (o / files.LOCK_NAME).write_text(f"{os.getppid()}\n")   # a live process's lock
         add("--out_dir: another run's", script, argv(o), "in use by process", o)
 
     # smaller: names, empty options, files that are not files, repeats
@@ -328,11 +332,11 @@ MAINS = {"sft.py": sft.main, "train_prm.py": train_prm.main, "select_data.py": s
 
 
 def run_in_process(script, argv):
-    """(exit code, stderr) of training.run_main(script's main) on argv, as `python script argv` ends."""
+    """(exit code, stderr) of options.run_main(script's main) on argv, as `python script argv` ends."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            training.run_main(lambda: MAINS[script](argv))
+            options.run_main(lambda: MAINS[script](argv))
             code = 0
         except SystemExit as e:
             code = e.code
@@ -353,7 +357,7 @@ def files_under(folder):
 
 
 def stand_in_checkpoints(D, folder):
-    """Checkpoints that pass every check of training.load_checkpoint but hold no weights.
+    """Checkpoints that pass every check of checkpoints.load_checkpoint but hold no weights.
 
     Every probe must fail before a model is built: one that got further would now fail on
     these with another message, and the test says so (it also keeps this file fast alone).
@@ -581,18 +585,18 @@ def test_a_save_removes_the_temporaries_of_killed_saves(tmp_path):
     other = tmp_path / f"other.pt.tmp{int(dead.stdout)}"       # another file's
     for f in (stale, live, other):
         f.write_bytes(b"half a checkpoint")
-    training.save_checkpoint(str(path), {"step": 1})
+    files.save_checkpoint(str(path), {"step": 1})
     assert not stale.exists() and live.exists() and other.exists()
     assert torch.load(path, weights_only=True) == {"step": 1}
 
 
 def test_an_unreadable_cache_is_named_then_made_again(tmp_path, capsys):
     path = tmp_path / "design-0123.pt"
-    training.save_checkpoint(str(path), {"final": [0.5]})
+    files.save_checkpoint(str(path), {"final": [0.5]})
     path.write_bytes(path.read_bytes()[:40])                   # cut short
-    made = train_prm.cached(str(path), lambda: {"final": [0.25]})
+    made = rewards.cached(str(path), lambda: {"final": [0.25]})
     assert made == {"final": [0.25]} and f"warning: {path} is not a readable cache" in capsys.readouterr().out
-    assert train_prm.cached(str(path), lambda: 1 / 0) == {"final": [0.25]}   # rewritten, now reused
+    assert rewards.cached(str(path), lambda: 1 / 0) == {"final": [0.25]}   # rewritten, now reused
     assert "reward design: reusing" in capsys.readouterr().out
 
 
@@ -623,21 +627,21 @@ def test_a_lock_is_taken_refused_taken_over_and_released(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "out"
-    training.lock_out_dir(str(out))
-    lock = out / training.LOCK_NAME
+    files.lock_out_dir(str(out))
+    lock = out / files.LOCK_NAME
     assert lock.read_text() == f"{os.getpid()}\n"
-    training.release_locks()
+    files.release_locks()
     assert not lock.exists()
     lock.write_text(f"{os.getppid()}\n")                      # a live process's
-    with pytest.raises(training.BadInput, match="is in use by process"):
-        training.lock_out_dir(str(out))
-    with pytest.raises(training.BadInput, match="is in use by process"):
-        training.check_writable(str(out))                      # asked before any work
+    with pytest.raises(files.BadInput, match="is in use by process"):
+        files.lock_out_dir(str(out))
+    with pytest.raises(files.BadInput, match="is in use by process"):
+        files.check_writable(str(out))                      # asked before any work
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout)                               # a killed run's
-    training.lock_out_dir(str(out))
+    files.lock_out_dir(str(out))
     assert lock.read_text() == f"{os.getpid()}\n"
-    training.release_locks()
+    files.release_locks()
     assert not lock.exists()
 
 
@@ -653,7 +657,7 @@ def test_a_non_finite_loss_is_one_line_and_the_last_checkpoint_stays(tmp_path):
                        ckpt_fn=lambda step, opt: saved.append(step))
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
-        training.run_main(run)
+        options.run_main(run)
     assert stop.value.code == 2 and saved == [4]
     assert err.getvalue() == ("error: non-finite loss or gradient at step 4; stopped, the last good checkpoint "
                               "is kept\n")

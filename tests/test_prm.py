@@ -8,19 +8,21 @@ import pytest
 import torch
 
 from conftest import run_script
-from model import GPT, GPTConfig, Tok, load_tokenizer, padded_vocab_size, encode_prompt
-from training import BadInput
 import rfprm
-from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_total, batch_of, step_surprise, score_batch_size,
-                   aggregate, AGGREGATIONS)
+from files import BadInput
+from tokenizer import Tokenizer, load_tokenizer, padded_vocab_size, encode_prompt
+from model import GPT, GPTConfig
+from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_total, batch_of, step_surprise,
+                   score_batch_size, aggregate, AGGREGATIONS)
 from train_prm import arithmetic_accuracy
-import train_prm
+import processbench
 import task
+import train_prm
 
 
 @pytest.fixture(scope="module")
 def tok(smoke_data):
-    return Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    return Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
 
 
 FACTS = [(a, b) for a in range(1, 5) for b in range(1, 5)]
@@ -311,12 +313,12 @@ def test_reward_cache_reuse_is_exact(smoke_data, smoke_policy, tmp_path):
 
 
 def test_auroc_and_first_error_f1_by_hand():
-    assert train_prm.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
-    assert train_prm.auroc([0.5, 0.5], [0, 1]) == 0.5
+    assert processbench.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    assert processbench.auroc([0.5, 0.5], [0, 1]) == 0.5
     steps = [[0.9, 0.2, 0.9], [0.9, 0.9], [0.1]]
-    assert train_prm.first_error_predictions(steps, 0.5) == [1, -1, 0]
-    assert train_prm.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
-    assert train_prm.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert processbench.first_error_predictions(steps, 0.5) == [1, -1, 0]
+    assert processbench.first_error_f1(steps, [1, -1, 0], 0.5) == 1.0
+    assert processbench.first_error_f1(steps, [2, -1, 0], 0.5) == pytest.approx(2 * 0.5 * 1 / 1.5)
 
 
 def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
@@ -327,18 +329,18 @@ def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
     path.write_text(json.dumps([{"id": f"p-{k}", "generator": "by hand", "problem": "1 + 2", "steps": st,
                                  "final_answer_correct": lab == -1, "label": lab}
                                 for k, (st, lab) in enumerate(zip(steps, labels))]))
-    records, read = train_prm.read_processbench(str(path))
+    records, read = processbench.read_processbench(str(path))
     assert read == labels and [r["thinking"] for r in records] == steps and all(r["response"] == [] for r in records)
     scores = [[0.9, 0.3, 0.8],   # first below 0.5: step 1 = label 1, right
               [0.9, 0.9],        # none below: -1 = label -1, right
               [0.7, 0.2],        # step 1, label 0: wrong
               [0.6, 0.9, 0.1],   # step 2 = label 2, right
               [0.8, 0.4]]        # step 1, label -1: wrong
-    m = train_prm.processbench_metric(scores, read, 0.5)
+    m = processbench.processbench_metric(scores, read, 0.5)
     # error acc 2/3, correct acc 1/2, F1 = 2 · (2/3) · (1/2) / (2/3 + 1/2) = 4/7
     assert (m["n"], m["n_err"]) == (5, 3)
     assert m["acc_err"] == pytest.approx(2 / 3) and m["acc_corr"] == pytest.approx(1 / 2)
-    assert m["f1"] == pytest.approx(4 / 7) and train_prm.first_error_f1(scores, read, 0.5) == pytest.approx(4 / 7)
+    assert m["f1"] == pytest.approx(4 / 7) and processbench.first_error_f1(scores, read, 0.5) == pytest.approx(4 / 7)
 
 
 def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_path):
@@ -347,8 +349,8 @@ def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_p
                       ("eval_longer", "prm_eval_longer.jsonl")):
         ours = [json.loads(l) for l in open(smoke_data / src)]
         path = tmp_path / f"{name}.json"
-        path.write_text(json.dumps(train_prm.to_processbench(ours, name)))
-        records, labels = train_prm.read_processbench(str(path))
+        path.write_text(json.dumps(processbench.to_processbench(ours, name)))
+        records, labels = processbench.read_processbench(str(path))
         assert labels == [r["meta"]["first_error"] for r in ours], name
         assert [r["thinking"] for r in records] == [r["thinking"] for r in ours]
         assert [r["question"] for r in records] == [r["question"] for r in ours]
@@ -373,7 +375,7 @@ def test_processbench_cli_prints_per_file_and_average_f1_without_training(smoke_
     assert set(rows) == set(files)
     f1s = [float(rows[f][-1]) for f in files]
     for f in files:
-        problems, labels = train_prm.read_processbench(f)
+        problems, labels = processbench.read_processbench(f)
         assert int(rows[f][1]) == len(problems) and int(rows[f][2]) == sum(lab != -1 for lab in labels)
         assert all(0.0 <= float(x) <= 100.0 for x in rows[f][3:])
     average = next(line for line in out.splitlines() if line.startswith("average F1 over 2 files"))
@@ -403,10 +405,10 @@ def test_evaluate_scorer_on_hand_made_scores():
                 "step_ok": ok, "first_error": next((t for t, g in enumerate(ok) if not g), -1)}}
     records = [rec("clean", [True, True]), rec("slip", [True, False])] * 2
     scores = [{"step": [0.05, 0.9], "total": 1.0}, {"step": [0.9, 0.1], "total": 0.4}] * 2   # an opener below a slip
-    r = train_prm.evaluate_scorer(scores, records)
+    r = processbench.evaluate_scorer(scores, records)
     assert r["computation_auroc"] == 1.0 and r["step_auroc"] == pytest.approx(2 / 3)
     assert r["trajectory_auroc"] == 1.0 and r["per_flaw"] == {"clean": 1.0, "slip": 0.4}
-    assert "yes" in train_prm.format_per_flaw({"x": r}).splitlines()[-1]
+    assert "yes" in processbench.format_per_flaw({"x": r}).splitlines()[-1]
 
 
 def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
@@ -429,7 +431,7 @@ def test_histogram_figure_for_a_single_scorer(tmp_path):
     records = [{"meta": {"good": g}} for g in (True, False, True, False)]
     scores = {"response-only PRM (MC)": [{"total": x} for x in (0.9, 0.2, 0.8, 0.4)]}
     path = str(tmp_path / "hist.png")
-    assert train_prm.save_histograms(scores, records, path, train_prm.trajectory_totals) and (tmp_path / "hist.png").stat().st_size > 0
+    assert processbench.save_histograms(scores, records, path, processbench.trajectory_totals) and (tmp_path / "hist.png").stat().st_size > 0
 
 
 def test_score_cli_prints_every_trained_step(smoke_prms, smoke_data):
@@ -442,7 +444,7 @@ def test_score_cli_prints_every_trained_step(smoke_prms, smoke_data):
 
 
 def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, tmp_path, capsys):
-    """A question longer than the context is skipped, a 200 kB step of digits truncated; both named by id."""
+    """A question longer than the context is skipped, a record with a 200 kB step of digits left out; both named by id."""
     rows = [json.loads(l) for l in open(smoke_data / "pool.jsonl")][:20]
     rows[2]["question"] = " + ".join(["1"] * 400)     # ~1,600 tokens: a context of 256 has no room
     rows[4]["thinking"][1] = "7" * 200_000             # once minutes in a quadratic-time regex
@@ -453,7 +455,7 @@ def test_long_records_are_named_and_training_goes_on(smoke_data, smoke_policy, t
                     f"--cache_dir={tmp_path / 'rewards'}"])
     out = capsys.readouterr().out
     assert f"1 of 20 records have a prompt of block_size=256 tokens or more, skipped: {rows[2]['id']}\n" in out
-    assert f"records longer than block_size=256, truncated: {rows[4]['id']}" in out
+    assert f"records longer than block_size=256, left out of training: {rows[4]['id']}" in out
     assert (tmp_path / "prm" / "ckpt.pt").exists()
 
 

@@ -10,11 +10,11 @@ from dataclasses import asdict
 import torch
 
 import grpo
+import processbench
 import report
 import select_data
 import sft
 import task
-import train_prm
 import tts
 from conftest import ROOT
 
@@ -90,7 +90,7 @@ def test_report_has_each_present_stage_and_lists_missing_ones(tmp_path):
     # each present stage: its table, as the stage's own format function prints it from the same file
     load = lambda rel: json.load(open(os.path.join(root, rel)))
     tables = [sft.format_comparison([os.path.join(root, "policy")]),
-              train_prm.format_table(load("prm/processbench.json")["rows"], "records' voice"),
+              processbench.format_table(load("prm/processbench.json")["rows"], "records' voice"),
               grpo.format_table(load("grpo/results.json")["summary"], 20),
               tts.format_table(load("tts/results.json")["curves"], [1, 2, 4])]
     for table in tables:

@@ -5,16 +5,17 @@ import random
 import torch
 
 import task
-from model import GPT, GPTConfig, Tok, load_tokenizer
-from rfprm import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, gated_fusion, relative_final,
-                   step_rewards, trajectory_reward, response_quality)
+from tokenizer import Tokenizer, load_tokenizer
+from model import GPT, GPTConfig
+from rewards import (TfidfEncoder, alignment_reward, coherence_reward, fuse_rewards, gated_fusion,
+                     relative_final, step_rewards, trajectory_reward, response_quality)
 
 import pytest
 
 
 @pytest.fixture(scope="module")
 def tok(smoke_data):
-    return Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    return Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
 
 
 def vecs(tok, encoder, lines):
@@ -55,7 +56,7 @@ def test_previous_steps_and_negatives_over_records(tok, monkeypatch):
     def spy(prev, steps, neg, tau=0.1, rescaled=False):
         seen.update(prev=prev, steps=steps, neg=neg)
         return real(prev, steps, neg, tau, rescaled)
-    monkeypatch.setattr("rfprm.coherence_reward", spy)
+    monkeypatch.setattr("rewards.coherence_reward", spy)
     lines = [tok.enc.encode_ordinary(l) for r in records for l in r["thinking"] + r["response"] + [r["question"]]]
     encode = TfidfEncoder().fit(lines).encode
     r_align, r_qual, r_coh, step_rec = step_rewards(records, tok, encode, n_negatives=16, seed=3)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import run_script, data_args
-from model import Tok, load_tokenizer
-from training import read_jsonl
+from files import read_jsonl
+from tokenizer import Tokenizer, load_tokenizer
 import select_data
 
 
@@ -114,7 +114,7 @@ def test_aggregation_rows_are_top_k_by_their_column_from_one_scoring(smoke_data,
 
 def test_identical_token_budgets_across_selectors(smoke_data, smoke_base):
     """Sets of short and of long records: equal steps would give unequal tokens; the plan equalises them."""
-    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     pool = read_jsonl(str(smoke_data / "pool.jsonl"))
     by_len = sorted(pool, key=lambda r: len("\n".join(r["thinking"] + r["response"])))
     short, long_ = by_len[:32], by_len[-32:]

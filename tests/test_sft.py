@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import run_script, data_args, ROOT
-from model import load_tokenizer, Tok
-from training import load_checkpoint
+from tokenizer import load_tokenizer, Tokenizer
+from checkpoints import load_checkpoint
 import sft
 import training
 
 
 def test_completion_only_loss_mask(smoke_data):
-    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     prompt, completion = [1, 2, 3, 4], [5, 6, tok.eot]
     X, Y = training.pack([(prompt, completion), ([9, 9], [7, tok.eot])], 32, pad_id=tok.eot)
     # position i predicts token i+1: the last prompt position predicts the first completion token
@@ -25,7 +25,7 @@ def test_completion_only_loss_mask(smoke_data):
 
 
 def test_template_conditioned_examples_follow_the_plan(smoke_data):
-    tok = Tok(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
     records = [json.loads(l) for l in open(smoke_data / "train.jsonl")][:40]
     examples = sft.build_examples(records, tok, template_frac=0.5)
     tmpl = examples[40:]
@@ -112,7 +112,7 @@ def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, t
 
 
 def test_checkpoint_with_another_shape_is_refused(smoke_base):
-    from training import model_from_checkpoint
+    from checkpoints import model_from_checkpoint
     ckpt = load_checkpoint(str(smoke_base), kind="policy")
     ckpt["model_args"]["n_embd"] = 64
     with pytest.raises(ValueError, match="do not fit"):

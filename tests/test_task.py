@@ -5,6 +5,7 @@ import random
 import pytest
 
 import task
+import voices
 
 
 def test_judge_scores_known_steps():
@@ -22,7 +23,7 @@ def test_judge_scores_known_steps():
     assert task.judge(q, [], "hmm, let me keep going") == 0.5
 
 
-@pytest.mark.parametrize("voice", sorted(task.VOICES))
+@pytest.mark.parametrize("voice", sorted(voices.VOICES))
 def test_judge_agrees_with_hidden_labels_on_every_kind_of_line(voice):
     rng, cfg = random.Random(0), task.WorldConfig(p_check=0.5, p_hesitate=0.5)
     for flaw in task.FLAWS:
@@ -35,7 +36,7 @@ def test_judge_agrees_with_hidden_labels_on_every_kind_of_line(voice):
 
 
 def test_the_held_out_voice_shares_no_phrase_with_the_training_voice():
-    train, held = task.VOICES["train"], task.VOICES["heldout"]
+    train, held = voices.VOICES["train"], voices.VOICES["heldout"]
     assert train.keys() == held.keys()
     for kind in train:
         assert not set(train[kind]) & set(held[kind]), kind
@@ -47,7 +48,7 @@ def test_the_held_out_voice_shares_no_phrase_with_the_training_voice():
     assert sum(len(v) for v in train.values()) > 100 and len(train["opener"]) >= 24
 
 
-@pytest.mark.parametrize("voice", sorted(task.VOICES))
+@pytest.mark.parametrize("voice", sorted(voices.VOICES))
 def test_template_of_a_clean_trajectory_gives_the_answer_in_every_voice(voice):
     rng, cfg = random.Random(4), task.WorldConfig(p_check=0.5)
     for i in range(200):

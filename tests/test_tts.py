@@ -154,12 +154,12 @@ def test_tts_smoke_run_writes_results(smoke_data, smoke_policy, smoke_prms, tmp_
 def test_mean_loglik_is_the_mean_log_probability_of_the_completion():
     from model import GPT, GPTConfig
 
-    class Tok:  # the only field mean_loglik reads: the pad id
+    class Tokenizer:  # the only field mean_loglik reads: the pad id
         eot = 15
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
     prompts, comps = [[1, 2, 3], [4, 5]], [[6, 7, 15], [8, 15]]
-    got = tts.mean_loglik(model, Tok(), prompts, comps, batch_size=1)
+    got = tts.mean_loglik(model, Tokenizer(), prompts, comps, batch_size=1)
     for p, c, g in zip(prompts, comps, got):
         seq = torch.tensor([p + c])
         with torch.no_grad():

@@ -12,7 +12,7 @@ Files (same seed, same bytes):
     prm_eval_heldout.jsonl   the same, written in the held-out voice: phrasings no training file holds
     prm_eval_longer.jsonl    the same, in the training voice, one operation longer than any record
     processbench_eval.json, processbench_eval_heldout.json, processbench_eval_longer.json
-                        the three sets above in ProcessBench's own format (train_prm.to_processbench):
+                        the three sets above in ProcessBench's own format (processbench.to_processbench):
                         `python train_prm.py --processbench=...` scores any file in it
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
     rl_hard.jsonl       harder questions for GRPO, one operation more than any record: where the policy
@@ -36,10 +36,10 @@ from dataclasses import dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 import task  # noqa: E402
-from model import SPLIT_PATTERN, load_tokenizer  # noqa: E402
-from training import (parse_config, check_options, require, check_writable, run_main, write_text_atomic,  # noqa: E402
-                      lock_out_dir)
-from train_prm import to_processbench  # noqa: E402
+from files import check_writable, write_text_atomic, lock_out_dir  # noqa: E402
+from tokenizer import SPLIT_PATTERN, load_tokenizer  # noqa: E402
+from options import parse_config, check_options, require, run_main  # noqa: E402
+from processbench import to_processbench  # noqa: E402
 
 
 @dataclass
@@ -58,7 +58,7 @@ class PrepareConfig:
 
 
 SMOKE = dict(n_train=300, n_pool=200, n_prm_eval=100, n_rl=50, n_test=50, n_facts=2000)
-# the smallest value of each size (training.check_options); the vocabulary holds 256 bytes and 3 special tokens
+# the smallest value of each size (options.check_options); the vocabulary holds 256 bytes and 3 special tokens
 AT_LEAST = dict(n_train=1, n_pool=1, n_prm_eval=1, n_rl=1, n_test=1, n_facts=1, vocab_size=259)
 
 
