@@ -404,6 +404,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  paper's plain head", "_plain", {"readout": "plain"}),
     ("  ℓ on the computation", "_computation", {"checked": "computation"}),
     ("  ℓ on result and operands", "_numbers", {"checked": "numbers"}),
+    ("  + misread operands", "_misread", {"misread": 0.25}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
