@@ -105,7 +105,7 @@ class PRMConfig:
     misread: float = 0.0           # share of training records copied with one operand misread (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
                                    # | numbers (ours: the result, and the operands' digits as a second term)
-    lm_coef: float = 0.5           # surprise readout: LM loss on expert-approved steps' operations and results (keeps ℓ sharp)
+    lm_coef: float = 0.5           # surprise readout: LM loss on the tokens ℓ reads of expert-approved steps (keeps ℓ sharp)
     facts: str = "data/arith/facts.txt"
     fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
     lam_step: float = 1.0
@@ -234,8 +234,9 @@ def pack_prm(records, targets, tok, mode, block_size, key="checked_of"):
 
     The step targets sit where each step ends (thinking steps, and response steps when their
     targets are given; the response-only PRM reads its response steps); the final target at
-    the record's last token. The LM targets are the checked tokens (operation and result) of the
-    approved steps, set one position early (token p is predicted at p − 1).
+    the record's last token. The LM targets are the tokens `key` names (PRM.read_key: the result, or
+    the whole computation for checked=computation and numbers) of the approved steps, set one
+    position early (token p is predicted at p − 1).
     """
     enc = [encode_for_prm(tok, r, mode, block_size) for r in records]
     cut = {k for k, e in enumerate(enc) if e["truncated"]}
