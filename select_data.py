@@ -6,9 +6,8 @@ Offline data selection: score the distilled pool with the PRMs, keep K records, 
     python select_data.py --selectors=random,rf_total,oracle --budget_tokens=200000
     python select_data.py --selectors=rf_top_k,rf_mean,rf_mean_traj,rf_min,rf_min_traj,rf_prod,rf_prod_traj,rf_last,rf_last_traj
 
-Reproduces the paper's first use of the PRM (its offline data selection table): every record
-of the selection pool is scored, each selector keeps K records, a student is fine-tuned on them,
-and its accuracy on held-out questions says how good the selection was. Selectors:
+The paper's first use of the PRM: every pool record is scored, each selector keeps K records, a
+student is fine-tuned on them; its held-out accuracy says how good the selection was. Selectors:
 
   random              K records drawn at random
   outcome filter      records whose final answer is right (the answer key), then K at random
@@ -20,42 +19,31 @@ and its accuracy on held-out questions says how good the selection was. Selector
   ReasonFlux, top-K   the paper's form: top-K by total = mean(step) + min(response) + α·trajectory
   oracle              K random records whose hidden `meta` says clean: an UPPER BOUND for
                       evaluation only; it is the only selector that reads `meta`
-  rf_mean, rf_min,    top-K by ReasonFlux-PRM's thinking-step scores aggregated another way
-  rf_prod, rf_last    (rfprm.aggregate); with _traj (rf_mean_traj, ...) + α·trajectory. Read from
-                      the same pool scores, no other forward pass; not in the default --selectors
-                      (each row trains a student per seed): the last command above runs them
+  rf_mean, rf_min,    top-K by the thinking-step scores aggregated another way (rfprm.aggregate),
+  rf_prod, rf_last    _traj adds α·trajectory; the same pool scores; the last command above runs them
 
-Protocol. The student has never seen the selection pool: every student starts from --init
-(run.sh's out/start: the policy's own SFT run at step 2000, kept by `sft.py --snapshot_step`).
-It was trained only on the training records, which are disjoint from the pool, and
-check_never_trained_on refuses a start whose recorded origin includes the pool: what a student
-learns of the pool's reasoning comes from the K records it is given. In row s every selector's
-student trains with seed s (batch order), and the selectors that draw at random (ReasonFlux-PRM
-too) select with seed s. Every student sees the same number of target tokens: training.train
-draws the batch of step t from (seed, t) alone, so a student trains for the fewest steps whose
-batches hold --budget_tokens (plan_steps; the counts agree within one batch, and the run checks
-that training saw exactly the planned count). Accuracy is greedy, on the same held-out questions
-for every student. Top-K is a stable sort by (-score, pool index). The selectors other than the
-oracle see the records with `meta` removed; the composition table reads `meta` only to explain
-results.
+Protocol. Every student starts from --init (run.sh's out/start: the policy's own SFT run at step
+2000, trained only on the training records, disjoint from the pool; check_never_trained_on refuses
+a start whose recorded origin includes the pool). In row s every student trains with seed s and
+the random selectors draw with seed s. Every student sees the same number of target tokens: the
+batch of step t depends on (seed, t) alone, so a student trains for the fewest steps whose batches
+hold --budget_tokens (plan_steps, checked after training). Accuracy is greedy, on the same
+held-out questions for all. Top-K is a stable sort by (-score, pool index). Selectors see the
+records without `meta`; the composition table reads it only to explain results.
 
-Why this start, K and budget: from the base model (facts only) a student learns too little
-in a short run to tell good data from bad; from the policy, which was trained on records
-like these, every selection only moves it down. A start that knows the format but reasons
-poorly leaves room for the selected records to teach: the policy's run at step 2000 of 6000 is
-one, and keeping it costs no training of its own. K is 5% of the pool, so the top of a
-ranking is far purer than the pool; the budget is several passes over the K records, where
-flawed records hurt most; a lower learning rate than SFT's keeps a student near its start.
+Why this start, K and budget: from the base model (facts only) a student learns too little to tell
+good data from bad; from the policy, trained on records like these, every selection moves it down.
+A start that knows the format but reasons poorly leaves room to teach, and costs no training of its
+own. K is 5% of the pool, so a ranking's top is far purer than the pool; the budget is several
+passes over the K records, where flawed records hurt most; a lower learning rate keeps it near its start.
 
 Where this departs from the paper:
   * ReasonFlux-PRM selects as a filter, K at random among the records it accepts (accepted_k);
     the paper's top-K by the total is the row "ReasonFlux, top-K (paper)";
-  * the students are the course's small GPT trained for seconds, not Qwen2.5 on 1k of 59k records;
-  * the baselines are our own scorers (response-only PRM, confidence), the answer key (outcome
-    filter) and random, not released PRMs or human curation (s1k);
+  * the students are the course's small GPT, not Qwen2.5 on 1k of 59k records; the baselines are
+    our own scorers, the answer key and random, not released PRMs or human curation (s1k);
   * budgets are matched in target tokens (ours): the paper matches the number of samples;
-  * several seeds and a std per selector, the step-only row, the oracle and the aggregation rows
-    are our additions (the paper's aggregation is the mean: rf_mean_traj is its total).
+  * seeds, the step-only row, the oracle and the aggregation rows are ours (rf_mean_traj: the paper's total).
 """
 
 import os

@@ -1,9 +1,8 @@
 """
 The synthetic world: arithmetic questions, a simulated distilling teacher, and the expert.
 
-In the paper, a frontier reasoning model writes long *thinking trajectories* and
-concise *final responses* for math problems, and an expert LLM judges them. Here both
-are small, seeded programs, so the whole course runs offline on a laptop:
+In the paper a frontier model writes thinking trajectories and final responses, and an expert
+LLM judges them; here both are small seeded programs, so the course runs offline:
 
 * a **question** is an arithmetic expression, e.g. ``3 + 4 * (5 - 2)``;
 * its **solution** applies one binary operation per step in precedence order;
@@ -13,24 +12,15 @@ are small, seeded programs, so the whole course runs offline on a laptop:
   real LLM call: ``judge`` (is this step right?), ``template`` (the trajectory's
   strategy as operations without results) and ``verify`` (is ``Answer: N`` right?).
 
-Text format (one record of the pool, flaw type "self_correct")::
+One record of the pool (flaw type "self_correct"), in the teacher's training voice::
 
     question:  3 + 4 * (5 - 2)
-    thinking:  let me work through this
-               first, 5 - 2 = 3
-               then 4 * 3 = 13
-               wait, 4 * 3 is 12, not 13
-               next, 3 + 12 = 15
-               check: 3 + 12 = 15, ok
-               so the answer is 15
-    response:  1. 5 - 2 = 3
-               2. 4 * 3 = 12
-               3. 3 + 12 = 15
-               Answer: 15
+    thinking:  let me work through this | first, 5 - 2 = 3 | then 4 * 3 = 13 |
+               wait, 4 * 3 is 12, not 13 | next, 3 + 12 = 15 | so the answer is 15
+    response:  1. 5 - 2 = 3 | 2. 4 * 3 = 12 | 3. 3 + 12 = 15 | Answer: 15
 
-Every record also keeps hidden ground truth in ``meta`` (flaw type, whether each
-thinking and response step is correct, whether the trajectory is good). It is for
-evaluation only and never a training target.
+Every record keeps hidden ground truth in ``meta`` (flaw type, each step's correctness, whether
+the trajectory is good): for evaluation only, never a training target.
 
 The parsers (``judge``, ``template``, ``follow_template``, ``verify``, ``parse_answer``)
 never raise on arbitrary text and take time linear in it: an expert that crashes, or hangs,
