@@ -61,6 +61,7 @@ class WorldConfig:
     # style knobs of the thinking text
     p_check: float = 0.3        # a "check: ..." line after a step
     p_hesitate: float = 0.15    # a filler line ("hmm, ...") after a step
+    p_misread: float = 0.0      # share of slips that misread an operand (right arithmetic) instead (ours)
 
     def flaw_rates(self):
         return [getattr(self, "p_" + f) for f in FLAWS]
@@ -259,10 +260,40 @@ def write_truncated(w, steps, question):
     return steps[:last]
 
 
-def slipped(w, steps, question, i):
-    """The steps with a slip at step i, propagated to every later step that uses it, and the wrong value."""
+def slipped(w, steps, question, i, misread=True):
+    """The steps with a slip at step i, propagated to every later step that uses it, and the wrong value.
+
+    A slip is a miscomputed result ('4 * 3 = 13') or, with probability p_misread when `misread`,
+    an operand misread with the arithmetic right ('4 * 5 = 20' where the value was 3): small
+    models and tired teachers make both, and a PRM that has only read the first rates the second
+    by its right result. p_misread=0, the default, gives the result slips alone and draws nothing
+    more from the rng, so the world is the one without misreads (`prepare.py --misread`).
+    """
+    tree = parse(question)
+    if misread and w.cfg.p_misread and w.rng.random() < w.cfg.p_misread:   # 0 draws nothing: the same world
+        bad = misread_operand(w.rng, tree, steps, i, w.cfg)
+        if bad:
+            return bad, bad[i][3]
     wrong = steps[i][3] + w.rng.choice([-3, -2, -1, 1, 2, 3])
-    return solution_steps(parse(question), {i: wrong}), wrong
+    return solution_steps(tree, {i: wrong}), wrong
+
+
+def misread_operand(rng, tree, steps, i, cfg):
+    """The steps with one operand of step i replaced by another of 1..max_operand, its result
+    recomputed and propagated; None when no replacement changes the result and keeps every
+    value in 0..max_value."""
+    a, op, b, c = steps[i]
+    side = rng.randrange(2)
+    for v in rng.sample(range(1, cfg.max_operand + 1), cfg.max_operand):
+        x, y = (v, b) if side == 0 else (a, v)
+        r = apply_op(op, x, y)
+        if r == c:
+            continue
+        bad = solution_steps(tree, {i: r})
+        bad[i] = (x, op, y, r)
+        if all(0 <= st[3] <= cfg.max_value for st in bad):
+            return bad
+    return None
 
 
 def write_slip(w, steps, question):
@@ -273,9 +304,10 @@ def write_slip(w, steps, question):
 
 
 def write_self_correct(w, steps, question):
-    """A slip, caught at once ('wait, 4 * 3 is 12, not 13'); the rest is right. A good trajectory."""
+    """A slip of a result, caught at once ('wait, 4 * 3 is 12, not 13'); the rest is right. A good
+    trajectory. Never a misread operand: the correction restates a result, and the template reads it so."""
     i = w.rng.randrange(len(steps))
-    bad, wrong = slipped(w, steps, question, i)
+    bad, wrong = slipped(w, steps, question, i, misread=False)
     for k, st in enumerate(steps):
         if k == i:
             w.add(w.pick("lead" if k else "first") + w.say(bad[k]), False)

@@ -117,6 +117,33 @@ def test_flaw_rates_are_configurable_and_pool_mostly_clean_by_default():
     assert {task.make_record(rng, only_slips, i)["meta"]["flaw"] for i in range(50)} == {"slip"}
 
 
+def test_a_slip_can_misread_an_operand_with_the_arithmetic_right():
+    """A misread slip keeps right arithmetic on a wrong operand; the expert calls it wrong."""
+    only_slips = task.WorldConfig(**{f"p_{f}": 0.0 for f in task.FLAWS if f != "slip"}, p_slip=1.0, p_misread=1.0)
+    rng, misreads = random.Random(5), 0
+    for i in range(50):
+        r = task.make_record(rng, only_slips, i)
+        truth = task.solution_steps(task.parse(r["question"]))
+        steps = [task.STEP_RE.search(line) for line in r["response"][:-1]]
+        k, m = next((k, m) for k, m in enumerate(steps) if (int(m[1]), m[2], int(m[3]), int(m[4])) not in truth)
+        a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+        if task.apply_op(op, a, b) == c:   # right arithmetic, so an operand is wrong
+            misreads += 1
+            assert (a, op, b) != truth[k][:3]
+            assert task.judge(r["question"], [], r["response"][k]) == 0.0
+    assert misreads >= 40   # the rest: no operand of 1..9 changes the result (x * 0) or keeps it in range
+    without = task.WorldConfig(**{f"p_{f}": 0.0 for f in task.FLAWS if f != "slip"}, p_slip=1.0, p_misread=0.0)
+    for i in range(30):   # p_misread=0: every slip is a wrong result of right operands
+        r = task.make_record(rng, without, i)
+        truth = task.solution_steps(task.parse(r["question"]))
+        for line in r["response"][:-1]:
+            m = task.STEP_RE.search(line)
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            if (a, op, b, c) not in truth:
+                assert task.apply_op(op, a, b) != c
+                break
+
+
 def test_flawed_records_show_their_flaw():
     rng, cfg = random.Random(2), task.WorldConfig()
     for flaw in task.FLAWS:

@@ -54,6 +54,7 @@ class PrepareConfig:
     n_facts: int = 100000
     vocab_size: int = 512      # byte-level: 256 bytes + merges + 3 special tokens
     flaw_scale: float = 1.0    # multiplies every flaw rate against the clean rate (2: ~25% clean)
+    misread: float = 0.0       # share of the teacher's slips that misread an operand (ours; 0: none)
     smoke: bool = False
 
 
@@ -194,11 +195,12 @@ def main(argv=None):
     cfg = parse_config(PrepareConfig, argv, {"smoke": SMOKE}, __doc__)
     check_options(cfg, AT_LEAST)
     require(cfg.flaw_scale >= 0, f"--flaw_scale must be >= 0, got {cfg.flaw_scale}")
+    require(0 <= cfg.misread <= 1, f"--misread must be in [0, 1], got {cfg.misread}")
     check_writable(cfg.out_dir)
     lock_out_dir(cfg.out_dir)   # two prepares writing one world would interleave its files
     base = task.WorldConfig()
     flawed = {f"p_{f}": getattr(base, f"p_{f}") * cfg.flaw_scale for f in task.FLAWS if f != "clean"}
-    out = prepare(cfg, dataclasses.replace(base, **flawed))
+    out = prepare(cfg, dataclasses.replace(base, **flawed, p_misread=cfg.misread))
     print_summary(out["train"], out["test"], cfg.out_dir)
 
 
