@@ -182,7 +182,8 @@ def grpo_figures(rl):
 
 def tts_figures(bon):
     """T3 rows, in points: paired ReasonFlux-PRM − mean log-likelihood (with its standard error) and
-    − majority vote at each N of T3_NS, and ReasonFlux-PRM's largest fall from N to 2N, in standard errors."""
+    − majority vote at each N of T3_NS, the PRM-weighted vote − likelihood (unpaired, an extra row), and
+    ReasonFlux-PRM's largest fall from N to 2N, in standard errors."""
     out = {}
     paired = bon.get("paired", {})
     for n in T3_NS:
@@ -190,6 +191,10 @@ def tts_figures(bon):
             d = paired.get(rival, {}).get(str(n))
             if d is not None:
                 out[f"T3 N={n}: PRM − {short}"] = (100 * d[0], 100 * d[1])
+    acc = {name: {p["n"]: p["acc"] for p in curve} for name, curve in bon["curves"].items()}
+    for n in T3_NS:   # an extra row, never the headline: the PRM's totals as votes
+        if n in acc.get("PRM-weighted vote", {}) and n in acc.get(tts.LIKELIHOOD, {}):
+            out[f"T3 N={n}: PRM-weighted vote − likelihood"] = 100 * (acc["PRM-weighted vote"][n] - acc[tts.LIKELIHOOD][n])
     curve = bon["curves"].get(tts.WEIGHTS, [])
     falls = [(a["acc"] - b["acc"]) / max(a["se"], 1e-9) for a, b in zip(curve, curve[1:]) if b["n"] == 2 * a["n"]]
     if falls:

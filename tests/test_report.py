@@ -147,6 +147,8 @@ def test_trends_over_pipeline_seeds(tmp_path):
         write(at, "grpo/results.json", grpo_results())
         bon = tts_results()
         bon["paired"] = {tts.LIKELIHOOD: {"8": [0.02, 0.01]}, "majority vote": {"8": [0.05, 0.01]}}
+        bon["curves"].update({"PRM-weighted vote": [{"n": 8, "acc": 0.625, "se": 0.01}],
+                              tts.LIKELIHOOD: [{"n": 8, "acc": 0.5, "se": 0.01}]})
         write(at, "tts/results.json", bon)
     report.main([f"--out_dir={root}", "--seeds=1337,1338"])
     md = open(os.path.join(root, "trends.md")).read()
@@ -155,4 +157,5 @@ def test_trends_over_pipeline_seeds(tmp_path):
     assert "| T2 rule − start | 7.5 | 7.5 | 7.5 ± 0.0 |" in md
     assert "| T2 (rule + PRM) − rule [mix β=0.25] | 10.0 | 10.0 | 10.0 ± 0.0 |" in md
     assert "| T3 N=8: PRM − likelihood | +2.0 (se 1.0) | +2.0 (se 1.0) |" in md
+    assert "| T3 N=8: PRM-weighted vote − likelihood | 12.5 | 12.5 |" in md
     assert "| T0 records' voice: least lead over baselines | 0.000 | 0.000 |" in md   # only comp. differs
