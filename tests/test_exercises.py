@@ -163,6 +163,23 @@ def test_double_the_flaw_rate_halves_the_clean_share(tmp_path):
     assert 0.15 < flaws.count("clean") / len(flaws) < 0.35  # 0.40 / (0.40 + 2 * 0.60) = 25%
 
 
+def test_a_misreading_teacher_writes_slips_of_right_arithmetic(tmp_path):
+    """--misread=1: every slip it can misread keeps right arithmetic on a wrong operand; 0: none does."""
+    def right_arithmetic_slips(out, *options):
+        run_script("data/arith/prepare.py", "--smoke", f"--out_dir={out}", *options)
+        n = 0
+        for line in open(out / "pool.jsonl"):
+            r = json.loads(line)
+            if r["meta"]["flaw"] == "slip":
+                ok = r["meta"]["response_ok"][:-1]
+                k = ok.index(False) if False in ok else None
+                m = task.STEP_RE.search(r["response"][k]) if k is not None else None
+                n += bool(m and task.apply_op(m[2], int(m[1]), int(m[3])) == int(m[4]))
+        return n
+    assert right_arithmetic_slips(tmp_path / "a", "--misread=1") >= 5
+    assert right_arithmetic_slips(tmp_path / "b") == 0
+
+
 def test_gpu_preset_scales_every_stage_up():
     """`--preset=gpu` exists in every script that run.sh passes it to, and makes the run larger."""
     gpu = lambda module, cls, *more: parse_config(cls, ["--preset=gpu", *more], module.PRESETS)
