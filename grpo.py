@@ -54,7 +54,9 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
   * the PRM reads the completion decoded and split into lines (split_completion), as at test time;
   * process supervision (ours, after DeepSeekMath): a reward per thinking line at the token that ends
     it, α·R_φ(trajectory) at the last; the token advantage is (1 − β)·Â_rule + β·(reward-to-go);
-  * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; held-out greedy accuracy is the metric.
+  * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is greedy accuracy on
+    the test questions (the records' distribution) and on held-out questions of the RL distribution: the
+    last --heldout_questions of --questions, never drawn for training.
 """
 
 import json
@@ -84,6 +86,7 @@ class GRPOConfig:
     prm: str = "out/prm/ckpt.pt"         # ReasonFlux-PRM (read only when the reward needs it)
     questions: str = "data/arith/rl_hard.jsonl"   # one operation harder than any record (see the docstring)
     test: str = "data/arith/test.jsonl"
+    heldout_questions: int = 500         # the last questions of --questions: never drawn, evaluated beside --test
     tokenizer: str = DEFAULT_VOCAB
     # reward
     reward: str = "mix"                  # rule | prm | mix
@@ -130,12 +133,13 @@ class GRPOConfig:
 
 GPU = dict(max_steps=500, questions_per_step=32, group_size=16, eval_questions=500, workers=1)  # larger groups, longer
 SMOKE = dict(max_steps=4, workers=1, questions_per_step=2, group_size=4, max_new_tokens=48, eval_every=2,
-             eval_questions=6, final_questions=6, log_every=1, sample_every=2, ckpt_every=2, warmup_steps=1)
+             eval_questions=6, final_questions=6, heldout_questions=6, log_every=1, sample_every=2, ckpt_every=2,
+             warmup_steps=1)
 PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (options.check_options): a group of 1 has no advantage to learn
 # from, μ = 0 never steps; and the values of a choice
 AT_LEAST = dict(workers=1, max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
-                seeds=1, eval_every=0, eval_questions=0, final_questions=0, log_every=1, sample_every=0, ckpt_every=1)
+                seeds=1, eval_every=0, eval_questions=0, final_questions=0, heldout_questions=0, log_every=1, sample_every=0, ckpt_every=1)
 CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
 # what a resume may change (checkpoints.check_resume): where and how often it writes and evaluates,
 # when it stops; every other option changes what is trained
@@ -266,8 +270,10 @@ def grpo_step(model, ref_model, optimizer, tok, questions, prm, tables, cfg, ste
     return qs, comps, rew, stats, lr
 
 
-def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"):
-    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable); returns its results dict."""
+def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu", heldout=(), start_heldout=None):
+    """One GRPO run of cfg.max_steps steps in cfg.out_dir (resumable) on `questions`; the policy is
+    evaluated at its start and end on test[:final_questions] and on `heldout` (questions of the RL
+    distribution it never trains on). Returns its results dict."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     init_ckpt = load_checkpoint(cfg.init, kind="policy", enc=tok.enc)
@@ -286,6 +292,8 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
     same_sets = eval_qs == final_qs   # then one evaluation serves both the curve and the table
     if start_eval is None:
         start_eval = accuracy(ref_model, tok, final_qs)
+    if heldout and start_heldout is None:
+        start_heldout = accuracy(ref_model, tok, heldout)
     if start == 0:
         log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
 
@@ -307,17 +315,23 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
                 "policy", model, tok.enc, asdict(cfg), optimizer=optimizer.state_dict(), step=step + 1))
 
     final = accuracy(model, tok, final_qs)
+    heldout_evals = (start_heldout, accuracy(model, tok, heldout)) if heldout else None
     if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
         log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
-    return finish_run(cfg, history, start_eval, final, len(final_qs), t0)
+    return finish_run(cfg, history, start_eval, final, len(final_qs), t0, heldout_evals)
 
 
-def finish_run(cfg, history, start_eval, final, n_final, t0):
-    """A run's line, results.json and figure; returns its results dict."""
+def finish_run(cfg, history, start_eval, final, n_final, t0, heldout_evals=None):
+    """A run's line, results.json and figure; returns its results dict. heldout_evals: (start, final)
+    accuracies on the held-out RL questions, or None."""
     print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
           f"({n_final} questions, greedy), {time.time() - t0:.0f}s")
     result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
               "seconds": time.time() - t0, "config": asdict(cfg)}
+    if heldout_evals:
+        result["start_heldout"], result["final_heldout"] = heldout_evals
+        print(f"{variant_name(cfg)} seed {cfg.seed}: held-out RL questions {heldout_evals[0]['acc']:.1%} -> "
+              f"{heldout_evals[1]['acc']:.1%} ({heldout_evals[1]['n']} questions, greedy)")
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"), result)
     if save_figure({variant_name(cfg): [history]}, os.path.join(cfg.out_dir, "grpo.png")):
         print(f"figure: {cfg.out_dir}/grpo.png")
@@ -354,21 +368,38 @@ def summarise(results):
     table = {}
     for res in results:
         table.setdefault(res["variant"], []).append(res)
-    return {v: {"final": mean_std([r["final"]["acc"] for r in rs]), "start": rs[0]["start"]["acc"],
-                "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
-                "finals": [r["final"]["acc"] for r in rs]} for v, rs in table.items()}
+    summary = {v: {"final": mean_std([r["final"]["acc"] for r in rs]), "start": rs[0]["start"]["acc"],
+                   "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                   "finals": [r["final"]["acc"] for r in rs]} for v, rs in table.items()}
+    for v, rs in table.items():   # the held-out RL questions, where every run of the variant has them
+        if all("final_heldout" in r for r in rs):
+            finals = [r["final_heldout"]["acc"] for r in rs]
+            summary[v]["heldout"] = {"final": mean_std(finals), "start": rs[0]["start_heldout"]["acc"],
+                                     "finals": finals, "n_questions": rs[0]["final_heldout"]["n"]}
+    return summary
 
 
 def format_table(summary, n_questions):
-    """Held-out accuracy per variant, mean ± std over seeds (as printed and in out/results.md)."""
-    lines = []
-    lines.append(f"\nGRPO: held-out greedy accuracy on {n_questions} questions, mean ± std over seeds")
-    lines.append(f"{'variant':<22}{'start':>8}{'final':>16}{'change':>9}{'seeds':>7}{'s/run':>7}   per seed")
-    for v, s in summary.items():
+    """Held-out accuracy per variant, mean ± std over seeds (as printed and in out/results.md): on
+    the test questions, and on the held-out questions of the RL distribution where the runs have them."""
+    lines = table_block(f"GRPO: held-out greedy accuracy on {n_questions} questions, mean ± std over seeds",
+                        {v: s for v, s in summary.items()}, summary)
+    rl = {v: s["heldout"] for v, s in summary.items() if "heldout" in s}
+    if rl:
+        n = next(iter(rl.values()))["n_questions"]
+        lines += table_block(f"... and on {n} held-out questions of the RL questions' distribution "
+                             f"(--heldout_questions, never drawn for training)", rl, summary)
+    return "\n".join(lines)
+
+
+def table_block(title, rows, summary):
+    """One block of format_table: start, final mean ± std, change, seeds, s/run, per seed."""
+    lines = ["", title, f"{'variant':<22}{'start':>8}{'final':>16}{'change':>9}{'seeds':>7}{'s/run':>7}   per seed"]
+    for v, s in rows.items():
         m, sd = s["final"]
         lines.append(f"{v:<22}{s['start']:>8.1%}{100 * m:>10.1f} ± {100 * sd:<4.1f}{100 * (m - s['start']):>+8.1f}"
-                     f"{s['n']:>7}{s['seconds']:>7.0f}   " + " ".join(f"{100 * x:.1f}" for x in s["finals"]))
-    return "\n".join(lines)
+                     f"{summary[v]['n']:>7}{summary[v]['seconds']:>7.0f}   " + " ".join(f"{100 * x:.1f}" for x in s["finals"]))
+    return lines
 
 
 def format_curves(histories, every, n_eval):
@@ -427,14 +458,14 @@ def run_configs(cfg, runs):
     return configs
 
 
-def one_run(cfg, tok, questions, test, start_eval):
+def one_run(cfg, tok, questions, test, start_eval, heldout=(), start_heldout=None):
     """One run of a comparison, a job of training.map_in_processes (its PRM is loaded here).
     Returns (results, the rows of its metrics.jsonl)."""
     device = pick_device(cfg.device)
     prm = load_prm(cfg.prm, device) if cfg.reward in ("prm", "mix") else None
     print(f"=== {variant_name(cfg)}, seed {cfg.seed} ===")
     torch.manual_seed(cfg.seed)
-    res = train_run(cfg, tok, questions, test, prm, start_eval, device)
+    res = train_run(cfg, tok, questions, test, prm, start_eval, device, heldout, start_heldout)
     return res, read_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), ())
 
 
@@ -461,14 +492,16 @@ def checked_runs(cfg, tok, device):
     return specs, jobs
 
 
-def compare(cfg, jobs, tok, questions, test, device):
+def compare(cfg, jobs, tok, questions, test, device, heldout=()):
     """Several runs, out_dir/<variant>/seed<k>/, from the starting policy evaluated once: the table
     (mean ± std over seeds), the curves, results.json and the figure. Returns the summary."""
-    start_eval = accuracy(model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval(),
-                          tok, test[:cfg.final_questions])
-    print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}")
+    start_model = model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval()
+    start_eval = accuracy(start_model, tok, test[:cfg.final_questions])
+    start_heldout = accuracy(start_model, tok, heldout) if heldout else None
+    print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}" +
+          (f", held-out RL questions {start_heldout['acc']:.1%}" if heldout else ""))
     results, histories = [], {}
-    jobs = [(rcfg, tok, questions, test, start_eval) for rcfg in jobs]
+    jobs = [(rcfg, tok, questions, test, start_eval, heldout, start_heldout) for rcfg in jobs]
     for res, history in map_in_processes(one_run, jobs, cfg.workers):
         results.append(res)
         histories.setdefault(res["variant"], []).append(history)
@@ -489,13 +522,23 @@ def main(argv=None):
     print_config(cfg)
     device = pick_device(cfg.device)
     tok = Tokenizer(load_tokenizer(cfg.tokenizer))
-    questions = read_jsonl(cfg.questions, ("question", "answer"))
+    questions, heldout = hold_out(read_jsonl(cfg.questions, ("question", "answer")), cfg)
     test = read_jsonl(cfg.test, ("question", "answer", "n_ops"))
     specs, jobs = checked_runs(cfg, tok, device)
     lock_out_dir(cfg.out_dir)
     if not specs and cfg.seeds == 1:   # one run, straight into out_dir
-        return one_run(cfg, tok, questions, test, None)[0]
-    return compare(cfg, jobs, tok, questions, test, device)
+        return one_run(cfg, tok, questions, test, None, heldout)[0]
+    return compare(cfg, jobs, tok, questions, test, device, heldout)
+
+
+def hold_out(questions, cfg):
+    """(questions to train on, held-out questions): the last cfg.heldout_questions of the file are
+    never drawn, so that the policy is also evaluated on questions of the distribution it trains on
+    that it has never seen (the test questions come from another one: the records')."""
+    k = cfg.heldout_questions
+    require(k < len(questions), f"{cfg.questions}: {len(questions)} questions leave none to train on with "
+                                f"--heldout_questions={k} (the last {k} are held out); lower it")
+    return (questions[:-k], questions[-k:]) if k else (questions, [])
 
 
 if __name__ == "__main__":

@@ -235,6 +235,9 @@ def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_p
     res = json.loads((out / "results.json").read_text())
     assert set(res["summary"]) == {"rule", "mix β=0"}
     assert all(s["n"] == 2 for s in res["summary"].values())
+    # beside the test questions, the last --heldout_questions of --questions, which no run trains on
+    assert "held-out questions of the RL questions' distribution" in proc.stdout
+    assert all(s["heldout"]["n_questions"] == 6 and len(s["heldout"]["finals"]) == 2 for s in res["summary"].values())
     assert (out / "rule" / "seed1338" / "ckpt.pt").exists()
     # β = 0 is the rule reward alone (reward_batch: (1 − 0)·rule + 0·prm): with the same seed the
     # two runs take the same steps, so everything but the logged PRM mean agrees exactly
@@ -251,6 +254,15 @@ def test_grpo_variants_and_seeds_print_a_table(smoke_data, smoke_policy, smoke_p
         assert all(torch.equal(a[k], b[k]) for k in a), seed
     with pytest.raises(ValueError, match="unknown variant"):
         grpo.parse_variant("best", grpo.GRPOConfig())
+
+
+def test_the_last_rl_questions_are_held_out_and_never_drawn():
+    qs = [{"question": f"{i} + 1", "answer": i + 1} for i in range(10)]
+    train, held = grpo.hold_out(qs, grpo.GRPOConfig(heldout_questions=3))
+    assert train == qs[:7] and held == qs[7:]
+    assert grpo.hold_out(qs, grpo.GRPOConfig(heldout_questions=0)) == (qs, [])
+    with pytest.raises(grpo.BadInput, match="none to train on"):
+        grpo.hold_out(qs, grpo.GRPOConfig(heldout_questions=10))
 
 
 def test_curves_average_seeds_and_skip_steps_a_seed_did_not_reach():
