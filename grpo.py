@@ -56,7 +56,9 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
     it, α·R_φ(trajectory) at the last; the token advantage is (1 − β)·Â_rule + β·(reward-to-go);
   * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is greedy accuracy on
     the test questions (the records' distribution) and on held-out questions of the RL distribution: the
-    last --heldout_questions of --questions, never drawn for training.
+    last --heldout_questions of --questions, never drawn for training. --eval_samples=k reads avg@k
+    instead: the mean accuracy of k samples per question at τ, the quantity GRPO's expected reward
+    raises, drawn from one fixed generator so that start, end and every run read the same numbers.
 """
 
 import json
@@ -120,8 +122,9 @@ class GRPOConfig:
     workers: int = 2                     # runs at a time, each in a process of one thread (training.map_in_processes)
     # evaluation, logging, checkpoints
     eval_every: int = 10
-    eval_questions: int = 200            # greedy accuracy on the first test questions, during training
+    eval_questions: int = 200            # accuracy on the first test questions, during training
     final_questions: int = 1000          # ... and at the start and the end
+    eval_samples: int = 0                # 0: greedy accuracy; k: avg@k, the mean accuracy of k samples per question at --temperature
     log_every: int = 5
     sample_every: int = 25               # print a few sampled completions with their rewards
     ckpt_every: int = 10
@@ -139,12 +142,12 @@ PRESETS = {"gpu": GPU, "smoke": SMOKE}  # applied in this order; options given e
 # the smallest value of each size (options.check_options): a group of 1 has no advantage to learn
 # from, μ = 0 never steps; and the values of a choice
 AT_LEAST = dict(workers=1, max_steps=1, questions_per_step=1, group_size=2, mu=1, chunks=1, max_new_tokens=1, warmup_steps=0,
-                seeds=1, eval_every=0, eval_questions=0, final_questions=0, heldout_questions=0, log_every=1, sample_every=0, ckpt_every=1)
+                seeds=1, eval_every=0, eval_questions=0, final_questions=0, heldout_questions=0, eval_samples=0, log_every=1, sample_every=0, ckpt_every=1)
 CHOICES = dict(reward=("rule", "prm", "mix"), loss_agg=("token", "sequence"))
 # what a resume may change (checkpoints.check_resume): where and how often it writes and evaluates,
 # when it stops; every other option changes what is trained
 RESUME_FREE = {"out_dir", "resume", "max_steps", "test", "variants", "seeds", "workers", "eval_every",
-               "eval_questions", "final_questions", "log_every", "sample_every", "ckpt_every", "device",
+               "eval_questions", "final_questions", "eval_samples", "log_every", "sample_every", "ckpt_every", "device",
                "preset", "smoke"}
 
 
@@ -291,11 +294,11 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
 
     same_sets = eval_qs == final_qs   # then one evaluation serves both the curve and the table
     if start_eval is None:
-        start_eval = accuracy(ref_model, tok, final_qs)
+        start_eval = policy_accuracy(ref_model, tok, final_qs, cfg)
     if heldout and start_heldout is None:
-        start_heldout = accuracy(ref_model, tok, heldout)
+        start_heldout = policy_accuracy(ref_model, tok, heldout, cfg)
     if start == 0:
-        log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
+        log_metrics({"step": 0, "test_acc": start_eval["acc"] if same_sets else policy_accuracy(model, tok, eval_qs, cfg)["acc"]})
 
     t0 = time.time()
     for step in range(start, cfg.max_steps):
@@ -307,31 +310,48 @@ def train_run(cfg, tok, questions, test, prm=None, start_eval=None, device="cpu"
         if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
             show_samples(tok, qs, comps, rew, cfg.group_size)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            acc = accuracy(model, tok, eval_qs)["acc"]
+            acc = policy_accuracy(model, tok, eval_qs, cfg)["acc"]
             log_metrics({"step": step + 1, "test_acc": acc})
-            print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, greedy)")
+            print(f"step {step + 1:4d} | test accuracy {acc:.1%} ({len(eval_qs)} questions, {metric_name(cfg)})")
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.max_steps:
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), make_checkpoint(
                 "policy", model, tok.enc, asdict(cfg), optimizer=optimizer.state_dict(), step=step + 1))
 
-    final = accuracy(model, tok, final_qs)
-    heldout_evals = (start_heldout, accuracy(model, tok, heldout)) if heldout else None
+    final = policy_accuracy(model, tok, final_qs, cfg)
+    heldout_evals = (start_heldout, policy_accuracy(model, tok, heldout, cfg)) if heldout else None
     if not any(r["step"] == cfg.max_steps and "test_acc" in r for r in history):
-        log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else accuracy(model, tok, eval_qs)["acc"]})
+        log_metrics({"step": cfg.max_steps, "test_acc": final["acc"] if same_sets else policy_accuracy(model, tok, eval_qs, cfg)["acc"]})
     return finish_run(cfg, history, start_eval, final, len(final_qs), t0, heldout_evals)
+
+
+def policy_accuracy(model, tok, questions, cfg):
+    """The policy's accuracy on questions: greedy (cfg.eval_samples = 0) or avg@k, the mean over k
+    samples per question at the sampling temperature, the quantity GRPO's expected reward raises
+    (DeepSeek-R1 reports pass@1 so). Every evaluation draws from one fixed generator, so that start
+    and end, and the runs of a comparison, are read with the same random numbers."""
+    k = cfg.eval_samples
+    if not k:
+        return accuracy(model, tok, questions)
+    res = accuracy(model, tok, [q for q in questions for _ in range(k)], temperature=cfg.temperature,
+                   generator=torch.Generator(device=next(model.parameters()).device).manual_seed(0))
+    return {**res, "n": len(questions)}
+
+
+def metric_name(cfg):
+    return f"avg@{cfg.eval_samples} at τ = {cfg.temperature:g}" if cfg.eval_samples else "greedy"
 
 
 def finish_run(cfg, history, start_eval, final, n_final, t0, heldout_evals=None):
     """A run's line, results.json and figure; returns its results dict. heldout_evals: (start, final)
     accuracies on the held-out RL questions, or None."""
     print(f"{variant_name(cfg)} seed {cfg.seed}: test accuracy {start_eval['acc']:.1%} -> {final['acc']:.1%} "
-          f"({n_final} questions, greedy), {time.time() - t0:.0f}s")
+          f"({n_final} questions, {metric_name(cfg)}), {time.time() - t0:.0f}s")
     result = {"variant": variant_name(cfg), "seed": cfg.seed, "start": start_eval, "final": final,
-              "seconds": time.time() - t0, "config": asdict(cfg)}
+              "metric": metric_name(cfg), "seconds": time.time() - t0, "config": asdict(cfg)}
     if heldout_evals:
         result["start_heldout"], result["final_heldout"] = heldout_evals
         print(f"{variant_name(cfg)} seed {cfg.seed}: held-out RL questions {heldout_evals[0]['acc']:.1%} -> "
-              f"{heldout_evals[1]['acc']:.1%} ({heldout_evals[1]['n']} questions, greedy)")
+              f"{heldout_evals[1]['acc']:.1%} ({heldout_evals[1]['n']} questions, {metric_name(cfg)})")
     write_json_atomic(os.path.join(cfg.out_dir, "results.json"), result)
     if save_figure({variant_name(cfg): [history]}, os.path.join(cfg.out_dir, "grpo.png")):
         print(f"figure: {cfg.out_dir}/grpo.png")
@@ -370,7 +390,8 @@ def summarise(results):
         table.setdefault(res["variant"], []).append(res)
     summary = {v: {"final": mean_std([r["final"]["acc"] for r in rs]), "start": rs[0]["start"]["acc"],
                    "n": len(rs), "seconds": sum(r["seconds"] for r in rs) / len(rs),
-                   "finals": [r["final"]["acc"] for r in rs]} for v, rs in table.items()}
+                   "finals": [r["final"]["acc"] for r in rs], "metric": rs[0].get("metric", "greedy")}
+               for v, rs in table.items()}
     for v, rs in table.items():   # the held-out RL questions, where every run of the variant has them
         if all("final_heldout" in r for r in rs):
             finals = [r["final_heldout"]["acc"] for r in rs]
@@ -382,7 +403,8 @@ def summarise(results):
 def format_table(summary, n_questions):
     """Held-out accuracy per variant, mean ± std over seeds (as printed and in out/results.md): on
     the test questions, and on the held-out questions of the RL distribution where the runs have them."""
-    lines = table_block(f"GRPO: held-out greedy accuracy on {n_questions} questions, mean ± std over seeds",
+    metric = next(iter(summary.values()))["metric"]
+    lines = table_block(f"GRPO: held-out accuracy ({metric}) on {n_questions} questions, mean ± std over seeds",
                         {v: s for v, s in summary.items()}, summary)
     rl = {v: s["heldout"] for v, s in summary.items() if "heldout" in s}
     if rl:
@@ -404,7 +426,7 @@ def table_block(title, rows, summary):
 
 def format_curves(histories, every, n_eval):
     """The training curves as text (the figure needs matplotlib), mean over seeds: at each
-    evaluation, held-out greedy accuracy and the sampled accuracy (rule reward) of the steps since
+    evaluation, held-out accuracy and the sampled accuracy (rule reward) of the steps since
     the previous one, in %."""
     lines = [f"\ncurves, mean over seeds: step:held-out accuracy ({n_eval} questions)/sampled accuracy since the last"]
     for name, runs in histories.items():
@@ -439,7 +461,7 @@ def save_figure(histories, path):
                 ys = [sum(c[i][1] for c in curves) / len(curves) for i in range(n)]
                 ax.plot(xs, ys, label=name)
     for ax, title in zip(axes, ("reward (mean)", "sampled accuracy (rule reward)", "KL to π_ref (k3)",
-                                "held-out greedy accuracy")):
+                                "held-out accuracy")):
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
     axes[-1].legend(fontsize=7)
@@ -496,8 +518,8 @@ def compare(cfg, jobs, tok, questions, test, device, heldout=()):
     """Several runs, out_dir/<variant>/seed<k>/, from the starting policy evaluated once: the table
     (mean ± std over seeds), the curves, results.json and the figure. Returns the summary."""
     start_model = model_from_checkpoint(load_checkpoint(cfg.init, kind="policy", enc=tok.enc), device).eval()
-    start_eval = accuracy(start_model, tok, test[:cfg.final_questions])
-    start_heldout = accuracy(start_model, tok, heldout) if heldout else None
+    start_eval = policy_accuracy(start_model, tok, test[:cfg.final_questions], cfg)
+    start_heldout = policy_accuracy(start_model, tok, heldout, cfg) if heldout else None
     print(f"starting policy {cfg.init}: test accuracy {start_eval['acc']:.1%}" +
           (f", held-out RL questions {start_heldout['acc']:.1%}" if heldout else ""))
     results, histories = [], {}

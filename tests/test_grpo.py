@@ -265,6 +265,18 @@ def test_the_last_rl_questions_are_held_out_and_never_drawn():
         grpo.hold_out(qs, grpo.GRPOConfig(heldout_questions=10))
 
 
+def test_avg_at_k_reads_k_samples_per_question_with_the_same_random_numbers(smoke_data, smoke_policy):
+    from checkpoints import load_checkpoint, model_from_checkpoint
+    tok = Tokenizer(load_tokenizer(f"{smoke_data}/tokenizer.tiktoken"))
+    model = model_from_checkpoint(load_checkpoint(smoke_policy, kind="policy", enc=tok.enc), "cpu").eval()
+    qs = [json.loads(l) for l in (smoke_data / "test.jsonl").read_text().splitlines()][:5]
+    cfg = grpo.GRPOConfig(eval_samples=3, max_new_tokens=48)
+    a, b = grpo.policy_accuracy(model, tok, qs, cfg), grpo.policy_accuracy(model, tok, qs, cfg)
+    assert a == b and a["n"] == 5   # one fixed generator: a second reading draws the same samples
+    assert round(a["acc"] * 15) == pytest.approx(a["acc"] * 15)   # a mean over 5 questions × 3 samples
+    assert grpo.metric_name(cfg) == "avg@3 at τ = 1" and grpo.metric_name(grpo.GRPOConfig(eval_samples=0)) == "greedy"
+
+
 def test_curves_average_seeds_and_skip_steps_a_seed_did_not_reach():
     seed_a = [{"step": 0, "test_acc": 0.5}, {"step": 1, "rule": 0.2}, {"step": 2, "rule": 0.4},
               {"step": 2, "test_acc": 0.6}, {"step": 4, "test_acc": 0.9}]
