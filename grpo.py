@@ -334,7 +334,7 @@ def policy_accuracy(model, tok, questions, cfg):
         return accuracy(model, tok, questions)
     res = accuracy(model, tok, [q for q in questions for _ in range(k)], temperature=cfg.temperature,
                    generator=torch.Generator(device=next(model.parameters()).device).manual_seed(0))
-    return {**res, "n": len(questions)}
+    return {**res, "n": len(questions), "samples": res["n"]}
 
 
 def metric_name(cfg):
