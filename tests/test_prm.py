@@ -75,19 +75,28 @@ def test_a_wrong_result_is_surprising_and_lowers_the_score(tok, arith_lm):
     assert prm.surprise_weight.grad != 0
 
 
-def test_a_wrong_result_is_surprising_in_the_held_out_voice(tok, arith_lm):
-    """The LM learnt 'then a + b = c'; the held-out voice writes 'following that, a + b yields c'.
-    The default ℓ reads the result alone, so a wrong result still lowers it after unread words."""
-    prm = PRM(arith_lm.config)                 # checked="result"
-    prm.gpt.load_state_dict(arith_lm.state_dict())
-    lines = [f"{lead}2 + 3 {eq} {c}" for lead, eq in (("following that, ", "yields"), ("in turn, ", "->"))
+def test_the_result_term_reads_the_result_and_not_the_words_around_it(tok, arith_lm):
+    """The default ℓ (checked="result") reads the result's tokens alone: in the voice the LM learnt
+    ('then a + b = c') a wrong result is surprising, and after words it never read ('following that,
+    a + b yields c') a right result is far less surprising than under checked="computation", whose
+    span holds the unread connective. Whether a wrong result is caught in an unread voice is a
+    property of a PRM trained on many voices, not of this one-voice fixture (its margin there moves
+    with the CPU's thread count), so train_prm.py's held-out-voice rows measure it."""
+    lines = [f"{lead}2 + 3 {eq} {c}" for lead, eq in (("then ", "="), ("following that, ", "yields"))
              for c in (5, 7)]
     recs = [{"question": "2 + 3", "thinking": ["we should crack this one", line], "response": []} for line in lines]
     encoded = [prm_tokens(tok, **r) for r in recs]
-    idx, result_of = batch_of(encoded, tok.eot, prm.read_key())
-    ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, result_of)
-    at = [ell[j, e["think"][1]].item() for j, e in enumerate(encoded)]
-    assert at[0] > at[1] + 1 and at[2] > at[3] + 1, at     # right result, then wrong, in each phrasing
+
+    def surprise(checked):
+        prm = PRM(arith_lm.config, checked=checked)
+        prm.gpt.load_state_dict(arith_lm.state_dict())
+        idx, token_of = batch_of(encoded, tok.eot, prm.read_key())
+        ell = step_surprise(prm.gpt, prm.gpt.hidden(idx), idx, token_of)
+        return [ell[j, e["think"][1]].item() for j, e in enumerate(encoded)]
+
+    result, computation = surprise("result"), surprise("computation")
+    assert result[0] > result[1] + 1, result                            # seen voice: right, then wrong
+    assert result[2] > computation[2] + 0.5, (result, computation)      # unread words do not count
 
 
 def test_the_operand_term_reads_the_number_and_not_the_words_around_it(tok, arith_lm):
