@@ -183,13 +183,16 @@ def scrambled(record, rng):
     return {**record, "thinking": rewrite(record["thinking"]), "response": rewrite(record["response"])}
 
 
-def misread_line(line, rng):
-    """The line with one operand of its last computation replaced by another digit and the
-    result recomputed ('7 + 3 = 10' -> '7 + 5 = 12'); None when the result would be negative."""
+def misread_line(line, rng, seen=()):
+    """The line with one operand of its last computation replaced by another number and the
+    result recomputed ('7 + 3 = 10' -> '7 + 5 = 12'); None when the result would be negative.
+    The number is one the record has already written (`seen`: the question's and the earlier
+    lines'), taken from the wrong place as the policy does, else a digit."""
     m = list(task.STEP_RE.finditer(line))[-1]
     new = {1: int(m[1]), 3: int(m[3])}
     side = rng.choice((1, 3))
-    new[side] = rng.choice([v for v in range(1, 10) if v != new[side]])
+    others = sorted({v for v in seen if v != new[side]}) or [v for v in range(1, 10) if v != new[side]]
+    new[side] = rng.choice(others)
     c = task.apply_op(m[2], new[1], new[3])
     if c < 0:
         return None
@@ -213,7 +216,8 @@ def misread(record, target, rng):
              and task.judge(record["question"], lines[:k], line) == 1.0]
     rng.shuffle(where)
     for k in where:
-        line = misread_line(lines[k], rng)
+        seen = [int(x) for x in re.findall(r"\d+", " ".join([record["question"]] + lines[:k]))]
+        line = misread_line(lines[k], rng, seen)
         if line and task.judge(record["question"], lines[:k], line) == 0.0:   # not a right step by chance
             break
     else:
@@ -406,6 +410,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  ℓ on the computation", "_computation", {"checked": "computation"}),
     ("  ℓ on result and operands", "_numbers", {"checked": "numbers"}),
     ("  + misread operands", "_misread", {"misread": 0.25}),
+    ("  both: operands, misread", "_numbers_misread", {"checked": "numbers", "misread": 0.25}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),

@@ -524,6 +524,7 @@ def test_scrambled_records_keep_the_arithmetic_and_change_every_word():
 
 def test_a_misread_copy_has_one_wrong_operand_and_right_arithmetic():
     import random
+    import re
     rec = {"question": "3 + 4 * 2", "answer": 11, "thinking": ["let me see", "first, 4 * 2 gives 8", "then 3 + 8 = 11",
                                                                 "so the answer is 11"],
            "response": ["1. 4 * 2 = 8", "2. 3 + 8 = 11", "Answer: 11"]}
@@ -536,6 +537,8 @@ def test_a_misread_copy_has_one_wrong_operand_and_right_arithmetic():
         m = task.STEP_RE.search(out["thinking"][k])
         a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
         assert task.apply_op(op, a, b) == c and task.judge(rec["question"], out["thinking"][:k], out["thinking"][k]) == 0.0
+        written = {int(x) for x in re.findall(r"\d+", " ".join([rec["question"]] + rec["thinking"][:k]))}
+        assert {a, b} <= written, "the wrong operand is a number the record already wrote, taken from the wrong place"
         assert t["step"][k] == 0.0 and [x for j, x in enumerate(t["step"]) if j != k] == [x for j, x in enumerate(target["step"]) if j != k]
         assert t["approved"][k] is False and t["final"] != t["final"] and out["response"] == rec["response"]
     # nothing to misread: no approved computation line
