@@ -244,9 +244,9 @@ class PRM(nn.Module):
         which operand comes next depends on what kind of line this is (a check repeats the last
         step, an aside picks any numbers) and on how many steps the question has, both read from
         words and lengths a shifted set changes; which result comes depends on the operands alone.
-        What it buys: on the policy's own samples, whose errors are mostly a wrong operand with the
-        arithmetic right, it keeps Best-of-N from picking them as N grows (train_prm.py's
-        "both: operands, misread" row, which also trains on misread copies). The LM
+        What it is for: the policy's own errors are mostly a wrong operand with the arithmetic
+        right, which the result alone cannot see (train_prm.py's "both: operands, misread" row
+        also trains it on misread copies; tts.py --prm reads it). The LM
         head trains end to end with the reward head, and train_prm.py adds a language-model loss
         on the same tokens of the steps the expert approved, which keeps the head sharp (a frozen
         copy of the policy, the other way, costs a second model). a starts at 1: a lone scalar
