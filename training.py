@@ -89,8 +89,12 @@ def wrap_for_training(model, compile=False, world=1):
 
 
 def end_run():
-    """End the process group of a run launched by torchrun (nothing otherwise)."""
+    """End the process group of a run launched by torchrun (nothing otherwise).
+
+    The ranks meet at a barrier first: rank 0 may still be saving or evaluating, and a gloo rank
+    that tears its group down while its peer still holds the connection can abort the process."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
