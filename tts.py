@@ -37,6 +37,10 @@ Where this departs from the paper:
   * the baselines are our own small PRMs trained on the same pool (train_prm.py --labels=mc
     and --labels=outcome), used through their `total` exactly like ReasonFlux-PRM, as the
     synthetic ProcessBench of train_prm.py does, rather than released PRMs;
+  * the policy samples at τ = 0.5 (`--temperature`), chosen among 1.0, 0.7 and 0.5 on a dev
+    split (the first questions of rl_questions.jsonl, never a file this script reports on) over
+    two pipeline seeds: at τ = 1.0 the pool of N holds more samples whose wrong operand the PRM
+    cannot see, and the PRM's pick falls as N grows;
   * the oracle and the PRM-weighted vote are our additions (an upper bound and a hybrid);
   * so are the aggregation rows: the paper aggregates by the mean (its total, "mean + α·traj").
 """
@@ -74,7 +78,7 @@ class TTSConfig:
     n_samples: int = 32            # N_max: samples per question, drawn once
     ns: str = "1,2,4,8,16,32"      # the N of the curve, each at most n_samples
     n_subsets: int = 1000          # subsets per question and N (all of them when fewer exist)
-    temperature: float = 1.0
+    temperature: float = 0.5       # sampling temperature, chosen on a dev split (docstring); 1.0: the policy as trained
     max_new_tokens: int = 160      # the pool's longest record is ~140 tokens with its prompt
     batch_size: int = 128          # rows per sampling batch: a larger one waits longer on its longest sample
     seed: int = 1337
