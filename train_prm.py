@@ -111,7 +111,7 @@ class PRMConfig:
     lam_step: float = 1.0
     lam_final: float = 1.0
     alpha: float = 1.0             # total = mean(step) + α·trajectory
-    max_steps: int = 800           # at 400 the PRM still misses most wrong-operand lines of the policy's samples
+    max_steps: int = 800           # 400 left it undertrained: Best-of-N's pick fell as N grew
     batch_size: int = 32
     lr: float = 2e-3
     min_lr: float = 2e-4
