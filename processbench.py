@@ -122,7 +122,7 @@ def evaluate_on_sets(prm, eval_sets):
 # ProcessBench's own file format (QwenLM/ProcessBench): a JSON list of problems
 
 
-GENERATORS = {"train": "teacher, training voice", "heldout": "teacher, held-out voice"}   # by meta["voice"]
+GENERATORS = {"train": "teacher, training voice", "dev": "teacher, development voice", "heldout": "teacher, held-out voice"}   # by meta["voice"]
 
 
 PROCESSBENCH_FIELDS = {"id": ((str, int), "a string or an integer"), "generator": (str, "a string"),

@@ -414,7 +414,7 @@ def heads(kind, slot):
 EQUALS = rf"\s*(?:{any_of(w.strip() for w in bank('equals'))})\s*"
 STEP_RE = re.compile(rf"{NUM}\s*([-+*])\s*{NUM}{EQUALS}{NUM}")
 # a correction: the right computation, then the wrong value it replaces ('..., not 13', '... rather than 13')
-FIX_RE = re.compile(rf"{STEP_RE.pattern}\s*,?\s*(?:not|rather than|instead of)\s+{NUM}")
+FIX_RE = re.compile(rf"{STEP_RE.pattern}\s*,?\s*(?:not|rather than|instead of|in place of|and not)\s+{NUM}")
 CHECK_RE = re.compile(rf"\s*(?:{any_of(heads('check', '{s}'))})")    # matched at a line's start
 ASIDE_RE = re.compile(rf"\s*(?:{any_of(bank('aside'))})")
 ANSWER_RE = re.compile(rf"Answer:\s*{NUM}")

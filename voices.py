@@ -1,8 +1,11 @@
 """
 voices: the teacher's phrasings (task.py writes and reads its trajectories with them).
 
-A training voice, in which every record of training and selection is written, and a held-out voice
-that shares no phrase with it and appears only in evaluation files.
+A training voice, in which every record of training and selection is written, and two voices that
+share no phrase with it nor with each other and appear only in evaluation files: a development voice,
+on which a reader may diagnose a PRM and choose its settings (prm_eval_dev.jsonl), and a held-out
+voice, which only reports (prm_eval_heldout.jsonl). A setting chosen by reading the held-out voice
+would make its figures a measure of that choice, not of a PRM reading words it never read.
 """
 
 
@@ -13,8 +16,8 @@ def phrases(heads, tails):
 
 # Each kind of line has its own bank in each voice. `{s}` is a computation as the voice writes
 # it ('4 * 3 gives 12'), `{w}` a wrong value, `{n}` the answer, `{k}` a response step's number.
-# The two voices share no phrase, and no head or tail either: a PRM trained on one has never
-# read the words of the other. Only the arithmetic ('4 * 3', the numbers) is common to both.
+# The voices share no phrase, and no head or tail either: a PRM trained on one has never
+# read the words of another. Only the arithmetic ('4 * 3', the numbers) is common to both.
 VOICES = {
     "train": {
         "opener": phrases(["let me ", "ok, let me ", "alright, let me ", "i will ", "now to "],
@@ -34,7 +37,7 @@ VOICES = {
                        "that makes the answer {n}", "in the end it is {n}", "final answer {n}"],
         "response_step": ["{k}. {s}", "step {k}: {s}"],
     },
-    "heldout": {
+    "dev": {
         "opener": phrases(["we should ", "our job: ", "the plan is to ", "here we "],
                           ["crack this one", "evaluate the expression", "respect precedence",
                            "go inside out", "handle each piece in turn", "reduce it gradually"]),
@@ -53,5 +56,23 @@ VOICES = {
         "conclusion": ["therefore {n}", "final result: {n}", "which leaves us with {n}", "all told, {n}",
                        "the result must be {n}", "overall we get {n}"],
         "response_step": ["({k}) {s}", "{k}) {s}"],
+    },
+    "heldout": {
+        "opener": phrases(["time to ", "goal: ", "i'll try to ", "the task: "],
+                          ["simplify the whole thing", "compute it piece by piece", "untangle the brackets",
+                           "get its value", "break it down", "go slowly"]),
+        "first": ["starting off, ", "step one: ", "innermost: ", "we open with "],
+        "lead": ["after this, ", "likewise, ", "further, ", "at this point, ", "the rest: ", "carrying on, ",
+                 "along the way, ", "what remains: "],
+        "equals": ["amounts to", "=>", "works out to", "totals"],
+        "filler": phrases(["mm, ", "yes, ", "okay so, "],
+                          ["still fine", "halfway", "nothing odd", "almost done", "all consistent", "no surprises"]),
+        "aside": ["a digression: ", "for no reason, ", "random fact: ", "off topic, "],
+        "check": phrases(["double-check: ", "again: ", "recheck: ", "to be sure, "],
+                         ["{s}, true", "{s}, exact", "{s}, as expected", "{s}, matches"]),
+        "fix": phrases(["whoops, ", "erm, ", "redo: "], ["{s}, in place of {w}", "{s}, and not {w}"]),
+        "conclusion": ["hence {n}", "we end at {n}", "that settles it: {n}", "bottom line: {n}",
+                       "we land on {n}", "the value: {n}"],
+        "response_step": ["[{k}] {s}", "{k}: {s}"],
     },
 }

@@ -35,17 +35,18 @@ def test_judge_agrees_with_hidden_labels_on_every_kind_of_line(voice):
                 assert (task.judge(r["question"], r["response"][:j], line) > 0.25) == ok, (r, line)
 
 
-def test_the_held_out_voice_shares_no_phrase_with_the_training_voice():
-    train, held = voices.VOICES["train"], voices.VOICES["heldout"]
-    assert train.keys() == held.keys()
-    for kind in train:
-        assert not set(train[kind]) & set(held[kind]), kind
-        assert len(held[kind]) >= 2 and len(train[kind]) >= 2, kind
-    # nor a head or a tail of the grammar: the held-out voice's words are new, not recombined
+@pytest.mark.parametrize("one, other", [("train", "heldout"), ("train", "dev"), ("dev", "heldout")])
+def test_no_two_voices_share_a_phrase(one, other):
+    one, other = voices.VOICES[one], voices.VOICES[other]
+    assert one.keys() == other.keys()
+    for kind in one:
+        assert not set(one[kind]) & set(other[kind]), kind
+        assert len(other[kind]) >= 2 and len(one[kind]) >= 2, kind
+    # nor a head or a tail of the grammar: each voice's words are new, not recombined
     for slot, kind in (("{s}", "check"), ("{s}", "fix"), ("{n}", "conclusion")):
         split = lambda voice: {part.strip(" ,:") for p in voice[kind] for part in p.split(slot)} - {""}
-        assert not split(train) & split(held), kind
-    assert sum(len(v) for v in train.values()) > 100 and len(train["opener"]) >= 24
+        assert not split(one) & split(other), kind
+    assert sum(len(v) for v in voices.VOICES["train"].values()) > 100 and len(voices.VOICES["train"]["opener"]) >= 24
 
 
 @pytest.mark.parametrize("voice", sorted(voices.VOICES))

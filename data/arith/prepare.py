@@ -10,6 +10,8 @@ Files (same seed, same bytes):
                         sees before selection (select_data.py)
     prm_eval.jsonl      held-out records from the same teacher, never trained on (synthetic ProcessBench)
     prm_eval_heldout.jsonl   the same, written in the held-out voice: phrasings no training file holds
+    prm_eval_dev.jsonl       the same, in a third voice, the development voice: diagnose and choose on it,
+                             so that the held-out voice only reports (voices.py)
     prm_eval_longer.jsonl    the same, in the training voice, one operation longer than any record
     processbench_eval.json, processbench_eval_heldout.json, processbench_eval_longer.json
                         the three sets above in ProcessBench's own format (processbench.to_processbench):
@@ -148,8 +150,9 @@ def prepare(cfg, wcfg=None):
     hard = dataclasses.replace(wcfg, min_ops=wcfg.max_ops + 1, max_ops=wcfg.max_ops + 1)
     rl_hard = make_questions(rng, hard, cfg.n_rl, seen, 0)
     # the shifted ProcessBench sets: another voice, one operation more
-    heldout = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="heldout")
+    dev = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="dev")
     longer = make_records(rng, hard, cfg.n_prm_eval, seen)
+    heldout = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="heldout")
 
     # the tokenizer is trained on everything the models will read
     corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
@@ -166,6 +169,7 @@ def prepare(cfg, wcfg=None):
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
+    write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_dev.jsonl"), jsonl(dev))
     for name, rows in (("eval", prm_eval), ("eval_heldout", heldout), ("eval_longer", longer)):
         write_text_atomic(os.path.join(cfg.out_dir, f"processbench_{name}.json"),
                      json.dumps(to_processbench(rows, name), indent=1) + "\n")
