@@ -69,7 +69,7 @@ class SFTConfig:
     template_frac: float = 0.25    # share of examples that are template-conditioned
     seed: int = 1337
     # evaluation, logging, checkpoints
-    eval_questions: int = 500      # 0 = skip evaluation
+    eval_questions: int = 1000     # the whole test set: on 500 the s.e. alone is ~2 points; 0 = skip evaluation
     sample_temperature: float = 1.0
     log_every: int = 50
     ckpt_every: int = 250

@@ -77,6 +77,7 @@ class PRMConfig:
     data: str = "data/arith/train.jsonl"
     eval_data: str = "data/arith/prm_eval.jsonl"
     # the shifted sets: the same table on records in words, or of a length, training never saw
+    eval_dev: str = "data/arith/prm_eval_dev.jsonl"           # a voice to diagnose and choose settings on; empty: skip
     eval_heldout: str = "data/arith/prm_eval_heldout.jsonl"   # empty: skip
     eval_longer: str = "data/arith/prm_eval_longer.jsonl"     # empty: skip
     policy: str = "out/policy/ckpt.pt"
@@ -102,6 +103,7 @@ class PRMConfig:
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
     scramble: float = 0.5          # share of training records whose words are made up anew (ours; 0: none)
+    made_up: str = "words"         # what a word becomes there: words (one made-up word) | phrases (one or two, or marks)
     misread: float = 0.0           # share of training records copied with one operand misread (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
                                    # | numbers (ours: the result, and the operands' digits as a second term)
@@ -146,11 +148,11 @@ AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollo
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
                final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation", "numbers"), encoder=("tfidf", "policy"),
-               coherence=("logprob", "prob"))
+               coherence=("logprob", "prob"), made_up=("phrases", "words"))
 # what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes the labels or the training
 RESUME_FREE = {"out_dir", "cache_dir", "resume", "max_steps", "log_every", "ckpt_every", "device", "compile",
-               "eval", "eval_records", "rows", "eval_data", "eval_heldout", "eval_longer", "processbench", "prm",
+               "eval", "eval_records", "rows", "eval_data", "eval_dev", "eval_heldout", "eval_longer", "processbench", "prm",
                "threshold", "preset", "smoke"}
 
 
@@ -160,15 +162,31 @@ RESUME_FREE = {"out_dir", "cache_dir", "resume", "max_steps", "log_every", "ckpt
 WORD_RE = re.compile(r"[A-Za-z]+|=")
 
 
-def scrambled(record, rng):
+def made_up_phrase(rng, phrases=False):
+    """A made-up stand-in for one of the teacher's words: one made-up word ('qzvu'); with phrases,
+    sometimes two shorter ones ('qz ab') or a run of marks ('~>'), as other authors write '='
+    ('comes to', '->'). No digit and no operator: the arithmetic stays the record's own; about
+    as many tokens as one word, so that records still fit the context."""
+    made_up_word = lambda longest: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, longest)))
+    if not phrases or rng.random() < 0.6:
+        return made_up_word(8)
+    if rng.random() < 0.4:
+        return "".join(rng.choice(":~>|<=") for _ in range(rng.randint(1, 2)))
+    return made_up_word(4) + " " + made_up_word(4)
+
+
+def scrambled(record, rng, phrases=False):
     """The record with every word of its thinking and response ('then', 'gives', '=') replaced by
-    a made-up one, the same throughout the record, as if another author wrote it (ours).
+    a made-up one (made_up_phrase), the same throughout the record, as if another author wrote it (ours).
 
     Why: a PRM that reads only the teacher's words learns them, and then scores a step in words
     it never read by their strangeness. Trained on records whose words mean nothing, its head
     learns to read what stays when the words change, the operations and their results, and its
     LM head learns to predict a result after any word for '='. The numbers, the operators and
     'Answer:' (the verifier's contract in every voice) are kept; the labels are the record's own.
+    Why a word may become several, or marks (phrases=True, --made_up=phrases): trained on one
+    made-up word per word, the LM head learns that one word stands between an operation and its
+    result, and is surprised by a right result after 'comes to' or '->' (--made_up=words).
     """
     made_up = {}
 
@@ -177,7 +195,7 @@ def scrambled(record, rng):
         if w == "Answer":
             return w
         if w not in made_up:
-            made_up[w] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+            made_up[w] = made_up_phrase(rng, phrases)
         return made_up[w]
     rewrite = lambda lines: [WORD_RE.sub(word, str(line)) for line in lines]
     return {**record, "thinking": rewrite(record["thinking"]), "response": rewrite(record["response"])}
@@ -355,7 +373,7 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
         extra = [misread(r, t, rng) for r, t in zip(records, targets) if rng.random() < cfg.misread]
         extra = [x for x in extra if x is not None]
         records, targets = records + [r for r, _ in extra], targets + [t for _, t in extra]
-    records = [scrambled(r, rng) if rng.random() < cfg.scramble else r for r in records]
+    records = [scrambled(r, rng, cfg.made_up == "phrases") if rng.random() < cfg.scramble else r for r in records]
     init_ckpt = load_checkpoint(cfg.init or cfg.policy, kind="policy", enc=tok.enc)
     prm = PRM(GPTConfig(**init_ckpt["model_args"]), cfg.readout, cfg.checked)
     prm.tok = tok
@@ -412,6 +430,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  + misread operands", "_misread", {"misread": 0.25}),
     ("  both: operands, misread", "_numbers_misread", {"checked": "numbers", "misread": 0.25}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
+    ("  made-up phrases", "_phrases", {"made_up": "phrases"}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),

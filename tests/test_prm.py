@@ -506,20 +506,27 @@ def test_the_result_is_found_without_knowing_the_voice():
     assert result_span("hmm, let me keep going") is None
 
 
-def test_scrambled_records_keep_the_arithmetic_and_change_every_word():
+@pytest.mark.parametrize("phrases", [True, False])
+def test_scrambled_records_keep_the_arithmetic_and_change_every_word(phrases):
     import random
+    import re
     rec = {"question": "3 + 4 * 2", "answer": 11, "thinking": ["let me see", "first, 4 * 2 gives 8", "then 3 + 8 = 11",
                                                                 "so the answer is 11"],
            "response": ["1. 4 * 2 = 8", "2. 3 + 8 = 11", "Answer: 11"]}
-    out = train_prm.scrambled(rec, random.Random(0))
-    assert out["question"] == rec["question"] and len(out["thinking"]) == 4 and len(out["response"]) == 3
-    digits = lambda lines: [[c for c in line if not c.isalpha() and c not in "= "] for line in lines]
-    assert digits(out["thinking"]) == digits(rec["thinking"]) and out["response"][-1] == "Answer: 11"
-    words = lambda lines: {w for line in lines for w in train_prm.WORD_RE.findall(line)} - {"Answer"}
-    assert not words(out["thinking"]) & words(rec["thinking"])
-    # one made-up word per word, throughout the record: '=' is one word wherever it stands
-    eq = out["thinking"][2].split()[4]
-    assert out["response"][0].split()[4] == eq == out["response"][1].split()[4]
+    for seed in range(20):   # phrases draws one word, two words or marks: several seeds see each
+        out = train_prm.scrambled(rec, random.Random(seed), phrases)
+        assert out["question"] == rec["question"] and len(out["thinking"]) == 4 and len(out["response"]) == 3
+        arithmetic = lambda lines: [re.findall(r"\d+|[-+*()]", line) for line in lines]
+        assert arithmetic(out["thinking"]) == arithmetic(rec["thinking"]) and out["response"][-1] == "Answer: 11"
+        words = lambda lines: {w for line in lines for w in train_prm.WORD_RE.findall(line)} - {"Answer"}
+        shared = words(out["thinking"]) & words(rec["thinking"])
+        assert not shared - {"="} and (phrases or not shared)   # a run of marks may hold an '='
+        # the same stand-in for a word throughout the record: '=' is one stand-in wherever it stands
+        eq = [re.search(r"\d+ [-+*] \d+ (.+) \d+$", line).group(1)
+              for line in (out["thinking"][2], *out["response"][:2])]
+        assert len(set(eq)) == 1
+        if not phrases:   # one made-up word a word
+            assert re.fullmatch(r"[a-z]+", eq[0])
 
 
 def test_a_misread_copy_has_one_wrong_operand_and_right_arithmetic():
