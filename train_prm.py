@@ -103,7 +103,7 @@ class PRMConfig:
     # the PRM and its training
     readout: str = "surprise"      # surprise (ours: σ(w·h + a·ℓ + b)) | plain (the paper: σ(w·h + b))
     scramble: float = 0.5          # share of training records whose words are made up anew (ours; 0: none)
-    made_up: str = "words"         # what a word becomes there: words (one made-up word) | phrases (one or two, or marks)
+    made_up: str = "phrases"       # what a word becomes there: phrases (ours: one or two made-up words, or marks) | words (one)
     misread: float = 0.0           # share of training records copied with one operand misread (ours; 0: none)
     checked: str = "result"        # what ℓ reads: result (ours) | computation (operands, connective and result)
                                    # | numbers (ours: the result, and the operands' digits as a second term)
@@ -162,7 +162,7 @@ RESUME_FREE = {"out_dir", "cache_dir", "resume", "max_steps", "log_every", "ckpt
 WORD_RE = re.compile(r"[A-Za-z]+|=")
 
 
-def made_up_phrase(rng, phrases=False):
+def made_up_phrase(rng, phrases=True):
     """A made-up stand-in for one of the teacher's words: one made-up word ('qzvu'); with phrases,
     sometimes two shorter ones ('qz ab') or a run of marks ('~>'), as other authors write '='
     ('comes to', '->'). No digit and no operator: the arithmetic stays the record's own; about
@@ -175,7 +175,7 @@ def made_up_phrase(rng, phrases=False):
     return made_up_word(4) + " " + made_up_word(4)
 
 
-def scrambled(record, rng, phrases=False):
+def scrambled(record, rng, phrases=True):
     """The record with every word of its thinking and response ('then', 'gives', '=') replaced by
     a made-up one (made_up_phrase), the same throughout the record, as if another author wrote it (ours).
 
@@ -430,7 +430,7 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  + misread operands", "_misread", {"misread": 0.25}),
     ("  both: operands, misread", "_numbers_misread", {"checked": "numbers", "misread": 0.25}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
-    ("  made-up phrases", "_phrases", {"made_up": "phrases"}),
+    ("  one made-up word a word", "_words", {"made_up": "words"}),
     ("  thinking steps only", "_thinking", {"response": False}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),
