@@ -356,6 +356,23 @@ def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
     assert m["f1"] == pytest.approx(4 / 7) and processbench.first_error_f1(scores, read, 0.5) == pytest.approx(4 / 7)
 
 
+def test_eval_sets_are_the_records_voice_then_the_shifted_sets_each_in_its_own_voice(smoke_data):
+    """--eval reads the records' voice first (its threshold serves the others), then the development and
+    held-out voices and the longer records; an empty option skips its set."""
+    files = dict(eval_data="prm_eval.jsonl", eval_dev="prm_eval_dev.jsonl", eval_heldout="prm_eval_heldout.jsonl",
+                 eval_longer="prm_eval_longer.jsonl")
+    cfg = train_prm.PRMConfig(**{k: str(smoke_data / f) for k, f in files.items()})
+    sets = processbench.read_eval_sets(cfg)
+    assert list(sets) == ["records' voice", "development voice", "held-out voice", "one operation longer"]
+    voices = {name: {r["meta"]["voice"] for r in rs} for name, rs in sets.items()}
+    assert voices == {"records' voice": {"train"}, "development voice": {"dev"}, "held-out voice": {"heldout"},
+                      "one operation longer": {"train"}}
+    longest = lambda rs: max(r["meta"]["n_ops"] for r in rs)
+    assert min(r["meta"]["n_ops"] for r in sets["one operation longer"]) > longest(sets["records' voice"])
+    cfg.eval_dev = ""
+    assert "development voice" not in processbench.read_eval_sets(cfg)
+
+
 def test_processbench_round_trip_keeps_the_hidden_first_errors(smoke_data, tmp_path):
     """Our records -> ProcessBench JSON -> records and labels: the labels are the hidden meta's first errors."""
     for name, src in (("eval", "prm_eval.jsonl"), ("eval_heldout", "prm_eval_heldout.jsonl"),
