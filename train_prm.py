@@ -167,12 +167,13 @@ def made_up_phrase(rng, phrases=True):
     sometimes two shorter ones ('qz ab') or a run of marks ('~>'), as other authors write '='
     ('comes to', '->'). No digit and no operator: the arithmetic stays the record's own; about
     as many tokens as one word, so that records still fit the context."""
-    made_up_word = lambda longest: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, longest)))
-    if not phrases or rng.random() < 0.6:
-        return made_up_word(8)
-    if rng.random() < 0.4:
-        return "".join(rng.choice(":~>|<=") for _ in range(rng.randint(1, 2)))
-    return made_up_word(4) + " " + made_up_word(4)
+    def made_up(letters, shortest, longest):
+        return "".join(rng.choice(letters) for _ in range(rng.randint(shortest, longest)))
+    if not phrases or rng.random() < 0.6:   # one word, 60%
+        return made_up("abcdefghijklmnopqrstuvwxyz", 2, 8)
+    if rng.random() < 0.4:                  # marks, 16%
+        return made_up(":~>|<=", 1, 2)
+    return made_up("abcdefghijklmnopqrstuvwxyz", 2, 4) + " " + made_up("abcdefghijklmnopqrstuvwxyz", 2, 4)   # two words, 24%
 
 
 def scrambled(record, rng, phrases=True):
