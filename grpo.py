@@ -93,7 +93,7 @@ class GRPOConfig:
     # reward
     reward: str = "mix"                  # rule | prm | mix
     beta: float = 0.75                   # weight of the PRM term in mix (the paper's RL code)
-    alpha: float = 1.0                   # the PRM's total = mean(step) + α·trajectory; 0: the step score alone
+    alpha: float = 1.0                   # α of the PRM's total (rfprm.prm_total); 0: the step score alone
     process: bool = False                # process supervision from the PRM's step scores
     expert_steps: bool = False           # the expert's step labels instead of the PRM's (an upper bound)
     # GRPO
@@ -173,8 +173,8 @@ def reward_batch(tok, comps, qs, right, prm, cfg):
         scores = prm.score(records)   # sorted by length inside: small batches pad little
         if cfg.expert_steps:
             scores = expert_step_scores(records, scores)
-        total = [prm_total(s, cfg.alpha, prm.with_response) for s in scores]   # this run's α, not the checkpoint's
-        prm_r = torch.tensor(total) / total_range(cfg.alpha, prm.with_response)   # in [0, 1] like the rule reward
+        total = [prm_total(s, cfg.alpha, prm.total) for s in scores]   # this run's α, not the checkpoint's
+        prm_r = torch.tensor(total) / total_range(cfg.alpha, prm.total)   # in [0, 1] like the rule reward
         beta = 1.0 if cfg.reward == "prm" else cfg.beta
         out.update(prm=prm_r, scores=scores, reward=(1 - beta) * rule + beta * prm_r)
     elif cfg.reward != "rule":

@@ -323,7 +323,8 @@ def trajectory_totals(scores, records):
             [s["total"] for s, r in zip(scores, records) if not r["meta"]["good"]])
 
 
-EVAL_SETS = (("records' voice", "eval_data"), ("development voice", "eval_dev"), ("held-out voice", "eval_heldout"),
+EVAL_SETS = (("records' voice", "eval_data"), ("development voice", "eval_dev"),
+             ("development, one longer", "eval_dev_longer"), ("held-out voice", "eval_heldout"),
              ("one operation longer", "eval_longer"))
 
 

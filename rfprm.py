@@ -8,7 +8,7 @@ response a_1..a_J:
     R_φ(t)     = σ(w·h_t + b), h_t the backbone's state where step t ends  PRM (readout="plain")
     L          = λ_step mean_t (R_φ(t) − r_step(t))² + λ_final (R_φ(x, s, a) − r_final)²   prm_loss
                  (the paper's target is r_fused: --fusion=paper)
-    total      = mean_t R_φ(t) + α · R_φ(x, s, a)                            prm_total
+    total      = mean_t R_φ(t) + α · R_φ(x, s, a)                            prm_total (total="paper")
 
 Four defaults depart from the paper so that its idea works at this scale; each is named in the
 docstring of its function, and its paper form is an option of train_prm.py and a row of its table:
@@ -16,7 +16,7 @@ docstring of its function, and its paper form is an option of train_prm.py and a
     t's result (PRM, step_surprise);
  2. fusion: the expert's verdict decides the band, the paper's fusion ranks within it (rewards.gated_fusion);
  3. trajectory reward: r_final relative to the policy's own success on the question (rewards.relative_final);
- 4. response steps: trained on the expert's judgement too, the worst one added to the total (prm_total).
+ 4. response steps: trained on the expert's judgement too; the worst one gates the total (prm_total).
 
     python rfprm.py score data/arith/prm_eval.jsonl --n=5    # a trained PRM's scores, step by step
     python rfprm.py design data/arith/train.jsonl --n=2      # the reward design of a record, step by step
@@ -271,9 +271,9 @@ class PRM(nn.Module):
             self.operand_weight = nn.Parameter(torch.ones(()))  # a_op
         self.config, self.readout, self.checked = cfg, readout, checked
         self.tok = None              # set by load_prm, for score()
-        self.alpha = 1.0             # total = mean(step) + α · trajectory (the paper's headline α)
+        self.alpha = 1.0             # α · R_φ(trajectory) in the total (the paper's headline α)
         self.mode = "full"           # "response_only": the baseline reads thinking steps as response steps
-        self.with_response = True    # the total averages response steps too (prm_total)
+        self.total = "gate"          # how prm_total reads the response steps: gate | sum | paper
         self.path = "the PRM"        # its checkpoint, for the messages (set by load_prm)
 
     def forward(self, idx, token_of=None, lm_targets=None):
@@ -326,7 +326,7 @@ class PRM(nn.Module):
             for j, e in enumerate(chunk):
                 rec = {"step": [s[j][p] for p in e["think"]], "response": [s[j][p] for p in e["response"]],
                        "trajectory": s[j][e["end"]]}
-                out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha, self.with_response)}
+                out[order[i + j]] = {**rec, "total": prm_total(rec, self.alpha, self.total)}
         bad = [k for k, o in enumerate(out) if not all(map(math.isfinite, o["step"] + o["response"] + [o["total"]]))]
         if bad:
             raise BadInput(f"{self.path}: scores that are not finite numbers, for records {record_names(records, bad)}")
@@ -345,30 +345,41 @@ def records_that_fit(records, tok, block_size, mode="full", what="records"):
     return [r for k, r in enumerate(records) if k not in long]
 
 
-def prm_total(score, alpha, with_response=True):
-    """The record's score.
+TOTALS = ("gate", "sum", "paper")   # the forms of prm_total (train_prm.py --total)
 
-    with_response=True (ours, the default):  mean_t R_φ(s_t) + min_j R_φ(a_j) + α · R_φ(traj)
-        Thinking steps are averaged, as in the paper: a trajectory that slips and corrects itself
-        is a good one. The response is a chain that ends in the answer, as good as its worst step;
-        a response that drifts from a right thinking shows only there. In [0, 2 + α].
-    with_response=False (the paper):  mean_t R_φ(s_t) + α · R_φ(traj), in [0, 1 + α].
-    A record without thinking (or response) steps counts 0 for their term; α = 0 gives the
-    step score alone (the paper's α ablation).
 
-    >>> prm_total({"step": [0.2, 0.6], "response": [1.0, 0.25], "trajectory": 0.5}, 1.0, with_response=False)
-    0.9
-    >>> prm_total({"step": [0.2, 0.6], "response": [1.0, 0.25], "trajectory": 0.5}, 1.0)
-    1.15
+def prm_total(score, alpha, total="gate"):
+    """The record's score, one of three forms (R_φ(s_t) thinking steps, R_φ(a_j) response steps):
+
+    gate  (ours, the default):  min_j R_φ(a_j) · (mean_t R_φ(s_t) + α · R_φ(traj)), in [0, 1 + α]
+        The paper's total, gated by the response: a pair whose response goes wrong is a bad pair
+        however well it thought (a response is a chain that ends in the answer, as good as its
+        worst step), and among pairs whose responses hold, the thinking ranks them. Chosen over
+        `sum` on the development voice and on development records one operation longer.
+    sum   (ours, before):  mean_t R_φ(s_t) + min_j R_φ(a_j) + α · R_φ(traj), in [0, 2 + α]
+        A response that goes wrong costs at most one unit, which a long, confident thinking can
+        make up: one operation longer, such records rank above good ones.
+    paper:  mean_t R_φ(s_t) + α · R_φ(traj), in [0, 1 + α]; the response is not read.
+
+    Thinking steps are averaged, as in the paper: a trajectory that slips and corrects itself is
+    a good one. A record without thinking (or response) steps counts 0 for that term; α = 0 gives
+    the step score alone (the paper's α ablation).
+
+    >>> s = {"step": [0.2, 0.6], "response": [1.0, 0.25], "trajectory": 0.5}
+    >>> prm_total(s, 1.0), prm_total(s, 1.0, "sum"), prm_total(s, 1.0, "paper")
+    (0.225, 1.15, 0.9)
     """
     steps, response = score["step"], score["response"]
-    total = (sum(steps) / len(steps) if steps else 0.0) + alpha * score["trajectory"]
-    return total + (min(response) if with_response and response else 0.0)
+    thinking = (sum(steps) / len(steps) if steps else 0.0) + alpha * score["trajectory"]
+    worst = min(response) if response else 0.0
+    if total not in TOTALS:
+        raise ValueError(f"prm_total: total must be one of {', '.join(TOTALS)}; got {total!r}")
+    return worst * thinking if total == "gate" else thinking + worst if total == "sum" else thinking
 
 
-def total_range(alpha, with_response):
-    """The largest value prm_total can take: 1 + α, and 1 more with the response's term."""
-    return 1 + alpha + (1 if with_response else 0)
+def total_range(alpha, total):
+    """The largest value prm_total can take: 1 + α, and 1 more for the sum."""
+    return 1 + alpha + (1 if total == "sum" else 0)
 
 
 # the ways of turning a record's thinking-step scores into one number, and their names in the tables
@@ -385,7 +396,7 @@ def aggregate(score, how, alpha=0.0):
         last   R_φ(s_T)               the last step's score, which has read every step before it
 
     Only the thinking steps are read (the paper's steps), never the response's; prm_total, our
-    default total, adds the worst response step. A record without thinking steps counts 0 for the
+    default total, gates by the worst response step. A record without thinking steps counts 0 for the
     step term, as in prm_total (not the empty product's 1, which would rank it first).
 
     >>> s = {"step": [0.5, 0.8, 0.25], "response": [0.0], "trajectory": 0.5}
@@ -437,7 +448,9 @@ def load_prm(path, device=None):
         raise wrong_shape(ckpt, e) from e
     load_prm_weights(prm, ckpt)
     prm.tok, prm.alpha, prm.mode = tok, cfg.get("alpha", 1.0), ckpt.get("mode", "full")
-    prm.with_response, prm.path = cfg.get("response", False), path
+    # the total is read when scoring, not in training: a checkpoint older than --total reads as gate
+    prm.total = cfg.get("total", "gate") if cfg.get("response", False) else "paper"
+    prm.path = path
     return prm.to(device).eval()
 
 
@@ -453,8 +466,8 @@ def untrained_scorer(policy_path, tokenizer, readout="confidence", device="cpu")
     """A scorer with PRM.score made from the policy itself, with no training: what the backbone
     knows before any reward design. readout="confidence" (the confidence baseline): a step scores
     exp(lowest log-probability among its tokens); readout="surprise": σ(ℓ_t), the PRM's surprise
-    term alone (its head at zero). The total is prm_total's: the mean over the thinking steps plus
-    the worst response step; there is no trajectory score (α = 0)."""
+    term alone (its head at zero). The total is prm_total's (gate: the worst response step times
+    the mean over the thinking steps); there is no trajectory score (α = 0)."""
     tok = Tokenizer(load_tokenizer(tokenizer))
     ckpt = load_checkpoint(policy_path, kind="policy", enc=tok.enc)
     scorer = PRM(GPTConfig(**ckpt["model_args"]), readout=readout)
@@ -505,7 +518,7 @@ def main(argv=None):
     records = records_that_fit(records, prm.tok, prm.config.block_size, prm.mode)
     tty = sys.stdout.isatty()
     for record, s in zip(records, prm.score(records)):
-        show_scores(record, s, tty, prm.with_response or prm.mode == "response_only")
+        show_scores(record, s, tty, prm.total != "paper" or prm.mode == "response_only")
 
 
 if __name__ == "__main__":

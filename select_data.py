@@ -247,7 +247,7 @@ def score_pool(prm, records, batch_size, name):
     for j in range(0, len(order), chunk):
         part = order[j:j + chunk]
         for i, s in zip(part, prm.score([records[i] for i in part], batch_size=batch_size)):
-            out[i] = (prm_total(s, 0.0, prm.with_response), s["total"],
+            out[i] = (prm_total(s, 0.0, prm.total), s["total"],
                       min(s["step"] + s["response"], default=1.0), s["trajectory"],
                       *(aggregate(s, how, prm.alpha if traj else 0.0) for how, traj in AGGREGATED.values()))
         done = min(len(order), j + chunk)

@@ -17,11 +17,13 @@ step label where each step ends and the trajectory label at the end of the recor
 
 Every row of the table is one set of options away (VARIANTS):
   ReasonFlux-PRM           our defaults: --fusion=gated --final=relative --readout=surprise --response=true
-                           --on_policy=true
+                           --total=gate --on_policy=true
+  total: sum, not gate     --total=sum        the same PRM's scores; the worst response step added, not gating
+  paper's total            --total=paper      the same PRM's scores; the response not read (rfprm.prm_total)
   paper's fusion           --fusion=paper     the softmax fusion as written (rewards.fuse_rewards)
   paper's trajectory rwd   --final=template   r_final itself, not relative to p_0
   paper's plain head       --readout=plain    R = σ(w·h + b)
-  thinking steps only      --response=false   no response-step labels; the total over thinking steps
+  thinking steps only      --response=false --total=paper   no response-step labels, nor response in the total
   distilled records only   --on_policy=false  no policy samples among the training records (sample_records)
   alignment / quality / coherence only        one component as the step label (--labels=...)
   response-only PRM (MC)   --labels=mc        trained on final responses only, Math-Shepherd-style
@@ -66,7 +68,7 @@ from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint,
 from training import start_run, wrap_for_training, end_run
 from rewards import targets_for
 from rfprm import (PRM, encode_for_prm, batch_of, prm_loss, untrained_scorer, prm_tokens, step_result_tokens,
-                   load_prm_weights, records_that_fit)
+                   load_prm_weights, records_that_fit, load_prm, TOTALS)
 from processbench import score_processbench, read_eval_sets, evaluate_on_sets, print_tables
 
 
@@ -78,6 +80,7 @@ class PRMConfig:
     eval_data: str = "data/arith/prm_eval.jsonl"
     # the shifted sets: the same table on records in words, or of a length, training never saw
     eval_dev: str = "data/arith/prm_eval_dev.jsonl"           # a voice to diagnose and choose settings on; empty: skip
+    eval_dev_longer: str = "data/arith/prm_eval_dev_longer.jsonl"   # ... and in it, one operation longer; empty: skip
     eval_heldout: str = "data/arith/prm_eval_heldout.jsonl"   # empty: skip
     eval_longer: str = "data/arith/prm_eval_longer.jsonl"     # empty: skip
     policy: str = "out/policy/ckpt.pt"
@@ -90,7 +93,8 @@ class PRMConfig:
     labels: str = "fused"          # fused | align | quality | coherence | mc | outcome
     fusion: str = "gated"          # gated (ours, rewards.gated_fusion) | paper (rewards.fuse_rewards)
     final: str = "relative"        # r_final: relative (ours, rewards.relative_final) | template (the paper)
-    response: bool = True          # train response steps on the expert's judgement; total over them too (ours)
+    response: bool = True          # train response steps on the expert's judgement (ours)
+    total: str = "gate"            # gate (ours) | sum (ours, before) | paper: rfprm.prm_total; read when scoring
     encoder: str = "tfidf"         # Φ: tfidf | policy
     coherence: str = "logprob"     # logprob (the paper, ≤ 0) | prob (rescaled to [0, 1])
     fuse: str = "align,quality,coherence"   # what the fusion fuses (drop one to see what it adds)
@@ -112,7 +116,7 @@ class PRMConfig:
     fact_rows: int = 8             # + rows of arithmetic facts per batch, their results in the LM loss (ours; 0: none)
     lam_step: float = 1.0
     lam_final: float = 1.0
-    alpha: float = 1.0             # total = mean(step) + α·trajectory
+    alpha: float = 1.0             # α of the total (rfprm.prm_total): α · R_φ(trajectory)
     max_steps: int = 800           # 400 left it undertrained: Best-of-N's pick fell as N grew
     batch_size: int = 32
     lr: float = 2e-3
@@ -148,12 +152,15 @@ AT_LEAST = dict(n_train=1, policy_samples=0, fact_rows=0, n_negatives=1, n_rollo
                 warmup_steps=0, log_every=1, ckpt_every=1, eval_records=1)
 CHOICES = dict(labels=("fused", "align", "quality", "coherence", "mc", "outcome"), fusion=("gated", "paper"),
                final=("relative", "template"), readout=("surprise", "plain"), checked=("result", "computation", "numbers"), encoder=("tfidf", "policy"),
-               coherence=("logprob", "prob"), made_up=("phrases", "words"))
+               coherence=("logprob", "prob"), made_up=("phrases", "words"), total=TOTALS)
 # what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes the labels or the training
 RESUME_FREE = {"out_dir", "cache_dir", "resume", "max_steps", "log_every", "ckpt_every", "device", "compile",
-               "eval", "eval_records", "rows", "eval_data", "eval_dev", "eval_heldout", "eval_longer", "processbench", "prm",
-               "threshold", "preset", "smoke"}
+               "eval", "eval_records", "rows", "eval_data", "eval_dev", "eval_dev_longer", "eval_heldout", "eval_longer", "processbench", "prm",
+               "threshold", "preset", "smoke", "total"}
+# options read when scoring, not in training: a row of the table that changes only these reads the
+# ReasonFlux-PRM row's checkpoint another way instead of training one
+SCORING_ONLY = {"total"}
 
 
 # ----------------------------------------------------------------------------
@@ -413,14 +420,15 @@ def train_prm(cfg, records, questions, tok, device, rank=0, world=1, probe=()):
         after = arithmetic_accuracy(prm.gpt, tok, probe)
         print(f"backbone single-step arithmetic (right results predicted exactly, {len(probe)} held-out records): "
               f"{before:.1%} before PRM training, {after:.1%} after")
-    prm.tok, prm.alpha, prm.mode, prm.with_response = tok, cfg.alpha, mode, cfg.response
+    prm.tok, prm.alpha, prm.mode, prm.total = tok, cfg.alpha, mode, cfg.total
     return prm.eval()
 
 
 # ----------------------------------------------------------------------------
 # the rows of the --eval table (processbench.py evaluates them)
 
-PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "on_policy": False}
+PAPER = {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "total": "paper",
+         "on_policy": False}
 VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table is a set of options
     ("ReasonFlux-PRM", "", {}),
     ("  paper's fusion", "_paper_fusion", {"fusion": "paper"}),
@@ -432,7 +440,9 @@ VARIANTS = [  # name, suffix of its out_dir, overrides: every row of the table i
     ("  both: operands, misread", "_numbers_misread", {"checked": "numbers", "misread": 0.25}),
     ("  no made-up words", "_unscrambled", {"scramble": 0.0}),
     ("  one made-up word a word", "_words", {"made_up": "words"}),
-    ("  thinking steps only", "_thinking", {"response": False}),
+    ("  total: sum, not gate", "_sum", {"total": "sum"}),              # the same PRM, read another way
+    ("  paper's total", "_paper_total", {"total": "paper"}),           # the same PRM, response not read
+    ("  thinking steps only", "_thinking", {"response": False, "total": "paper"}),
     ("  distilled records only", "_distilled", {"on_policy": False}),
     ("  the paper as written", "_paper", PAPER),
     ("  alignment only", "_align", {"labels": "align"}),
@@ -455,6 +465,11 @@ def chosen_variants(rows):
     return [v for k, v in keys.items() if k in wanted]
 
 
+def scoring_only(over):
+    """Whether a row only reads the ReasonFlux-PRM row's checkpoint another way (SCORING_ONLY options)."""
+    return isinstance(over, dict) and bool(over) and set(over) <= SCORING_ONLY
+
+
 def variant_config(cfg, suffix, over):
     """The config of a trained row of the table (its options `over` cfg's, in out_dir + suffix);
     None for an untrained row (`over` names how the policy is read)."""
@@ -467,10 +482,17 @@ def chosen_rows(cfg):
     """The rows this run trains and scores (all of --rows with --eval, else ReasonFlux-PRM alone),
     its options checked and its output folders writable, before any work."""
     require(cfg.threshold < 0, "--threshold is read by --processbench only")
+    require(cfg.response or cfg.total == "paper", "--response=false trains no response step: "
+                                                   "its total can only be --total=paper")
     if cfg.rows and not cfg.eval:
         raise BadInput("--rows picks rows of the --eval table: add --eval (without it only ReasonFlux-PRM trains)")
     variants = chosen_variants(cfg.rows) if cfg.eval else VARIANTS[:1]  # a misspelt row fails here, before any work
-    check_writable(cfg.cache_dir, *(cfg.out_dir.rstrip("/") + suffix for _, suffix, _ in variants))
+    reads_main = [name.strip() for name, _, over in variants if scoring_only(over)]
+    if reads_main and variants[0] is not VARIANTS[0] and not os.path.exists(os.path.join(cfg.out_dir, "ckpt.pt")):
+        raise BadInput(f"--rows: {', '.join(reads_main)} read ReasonFlux-PRM's checkpoint, and there is none in "
+                       f"{cfg.out_dir}: add the row main")
+    check_writable(cfg.cache_dir, *(cfg.out_dir.rstrip("/") + suffix for _, suffix, over in variants
+                                    if not scoring_only(over)))
     return variants
 
 
@@ -509,6 +531,10 @@ def row_scorer(cfg, suffix, over, records, questions, tok, device, rank, world, 
     trained with the row's options in its own out_dir."""
     if isinstance(over, str):
         return untrained_scorer(cfg.policy, cfg.tokenizer, over, device)
+    if scoring_only(over):   # trained above in this run, or before it (chosen_rows checked)
+        prm = load_prm(os.path.join(cfg.out_dir, "ckpt.pt"), device)
+        prm.total = over["total"]
+        return prm
     vcfg = variant_config(cfg, suffix, over)
     os.makedirs(vcfg.out_dir, exist_ok=True)
     if rank == 0:

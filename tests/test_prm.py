@@ -3,6 +3,7 @@ scoring edge cases, the cache, and the ProcessBench metrics."""
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from files import BadInput
 from tokenizer import Tokenizer, load_tokenizer, padded_vocab_size, encode_prompt
 from model import GPT, GPTConfig
 from rfprm import (PRM, prm_loss, load_prm, records_that_fit, prm_tokens, prm_total, batch_of, step_surprise,
-                   score_batch_size, aggregate, AGGREGATIONS)
+                   score_batch_size, aggregate, AGGREGATIONS, total_range, TOTALS)
 from train_prm import arithmetic_accuracy
 import processbench
 import task
@@ -141,7 +142,7 @@ def test_confidence_baseline_on_a_hand_made_record(tok, arith_lm):
     odd = scorer.score([dict(fact_record(3, 4, 7), thinking=["let me see", "zebra 3 + 4 = 7"])])[0]
     assert odd["step"][1] < good["step"][1] / 3
     assert good["response"][0] > bad["response"][0]
-    assert good["total"] == pytest.approx(sum(good["step"]) / 2 + min(good["response"]))   # α = 0
+    assert good["total"] == pytest.approx(min(good["response"]) * sum(good["step"]) / 2)   # gate, α = 0
     assert good["total"] > bad["total"]
 
 
@@ -217,12 +218,22 @@ def test_prm_loss_is_zero_at_targets_and_flows_only_through_read_positions():
     assert (scores.grad[~read] == 0).all() and (scores.grad[0, 1] != 0)
 
 
-def test_total_is_mean_step_plus_alpha_trajectory():
-    s = {"step": [0.2, 0.6], "response": [1.0, 0.0, 0.5], "trajectory": 0.5}
-    assert prm_total(s, 1.0, with_response=False) == pytest.approx(0.9)       # the paper's mean
-    assert prm_total(s, 0.0, with_response=False) == pytest.approx(0.4)
-    assert prm_total(s, 1.0) == pytest.approx(0.4 + 0.0 + 0.5)                 # ours: + the response's worst step
-    assert prm_total({"step": [], "response": [], "trajectory": 0.5}, 1.5) == pytest.approx(0.75)
+def test_total_gates_the_papers_total_by_the_worst_response_step():
+    s = {"step": [0.2, 0.6], "response": [1.0, 0.1, 0.5], "trajectory": 0.5}
+    assert prm_total(s, 1.0, "paper") == pytest.approx(0.9)                   # the paper's mean + α·traj
+    assert prm_total(s, 0.0, "paper") == pytest.approx(0.4)
+    assert prm_total(s, 1.0) == pytest.approx(0.1 * 0.9)                      # ours: gated by the worst response step
+    assert prm_total(s, 1.0, "sum") == pytest.approx(0.4 + 0.1 + 0.5)         # before: the worst response step added
+    assert prm_total({"step": [], "response": [], "trajectory": 0.5}, 1.5, "paper") == pytest.approx(0.75)
+    assert prm_total({"step": [0.9], "response": [], "trajectory": 0.5}, 1.0) == 0.0   # no response: no answer
+    # a wrong response sinks a pair however well it thought; the sum lets long confident thinking make up for it
+    thought_well = {"step": [0.95] * 6, "response": [0.05], "trajectory": 0.9}
+    good = {"step": [0.6, 0.6], "response": [0.6], "trajectory": 0.5}
+    assert prm_total(good, 1.0) > prm_total(thought_well, 1.0)
+    assert prm_total(good, 1.0, "sum") < prm_total(thought_well, 1.0, "sum")
+    assert [total_range(1.0, t) for t in TOTALS] == [2.0, 3.0, 2.0]
+    with pytest.raises(ValueError, match="total must be one of"):
+        prm_total(s, 1.0, "mean")
 
 
 def test_aggregations_of_a_hand_made_score():
@@ -234,7 +245,7 @@ def test_aggregations_of_a_hand_made_score():
         assert aggregate(s, how) == pytest.approx(value), how
         assert aggregate(s, how, alpha=0.5) == pytest.approx(value + 0.2), how
     # the paper's total is the mean with α
-    assert aggregate(s, "mean", 1.0) == pytest.approx(prm_total(s, 1.0, with_response=False))
+    assert aggregate(s, "mean", 1.0) == pytest.approx(prm_total(s, 1.0, "paper"))
     # no thinking steps: the step term is 0 for every aggregation (not the empty product's 1)
     assert [aggregate({"step": [], "trajectory": 0.4}, how, 1.0) for how in want] == pytest.approx([0.4] * 4)
     with pytest.raises(ValueError, match="how must be one of"):
@@ -259,7 +270,7 @@ def test_score_never_crashes_on_odd_records(smoke_prms, capsys):
         assert all(math.isfinite(x) for x in o["step"] + o["response"] + [o["trajectory"], o["total"]])
     with pytest.raises(BadInput, match=r"ckpt.pt: 1 of 4 records are longer than its context \(block_size=256\): #2"):
         prm.score(records)
-    assert prm.readout == "surprise" and prm.with_response
+    assert prm.readout == "surprise" and prm.total == "gate"
 
 
 def test_nan_scores_are_an_error_naming_the_checkpoint(smoke_prms):
@@ -357,18 +368,23 @@ def test_processbench_metric_on_a_hand_made_file_of_five_problems(tmp_path):
 
 
 def test_eval_sets_are_the_records_voice_then_the_shifted_sets_each_in_its_own_voice(smoke_data):
-    """--eval reads the records' voice first (its threshold serves the others), then the development and
-    held-out voices and the longer records; an empty option skips its set."""
-    files = dict(eval_data="prm_eval.jsonl", eval_dev="prm_eval_dev.jsonl", eval_heldout="prm_eval_heldout.jsonl",
-                 eval_longer="prm_eval_longer.jsonl")
+    """--eval reads the records' voice first (its threshold serves the others), then the development voice
+    (at the records' lengths and one operation longer), the held-out voice and the longer records; an
+    empty option skips its set."""
+    files = dict(eval_data="prm_eval.jsonl", eval_dev="prm_eval_dev.jsonl", eval_dev_longer="prm_eval_dev_longer.jsonl",
+                 eval_heldout="prm_eval_heldout.jsonl", eval_longer="prm_eval_longer.jsonl")
     cfg = train_prm.PRMConfig(**{k: str(smoke_data / f) for k, f in files.items()})
     sets = processbench.read_eval_sets(cfg)
-    assert list(sets) == ["records' voice", "development voice", "held-out voice", "one operation longer"]
+    assert list(sets) == ["records' voice", "development voice", "development, one longer", "held-out voice",
+                          "one operation longer"]
     voices = {name: {r["meta"]["voice"] for r in rs} for name, rs in sets.items()}
-    assert voices == {"records' voice": {"train"}, "development voice": {"dev"}, "held-out voice": {"heldout"},
-                      "one operation longer": {"train"}}
+    assert voices == {"records' voice": {"train"}, "development voice": {"dev"}, "development, one longer": {"dev"},
+                      "held-out voice": {"heldout"}, "one operation longer": {"train"}}
     longest = lambda rs: max(r["meta"]["n_ops"] for r in rs)
-    assert min(r["meta"]["n_ops"] for r in sets["one operation longer"]) > longest(sets["records' voice"])
+    for longer in ("one operation longer", "development, one longer"):
+        assert min(r["meta"]["n_ops"] for r in sets[longer]) > longest(sets["records' voice"])
+    questions = lambda name: {r["question"] for r in sets[name]}
+    assert not questions("one operation longer") & questions("development, one longer")   # chooses, never reports
     cfg.eval_dev = ""
     assert "development voice" not in processbench.read_eval_sets(cfg)
 
@@ -451,9 +467,10 @@ def test_rows_pick_table_rows_in_table_order_and_refuse_unknown_names():
         train_prm.main(["--rows=quality"])
     # every departure's paper form is a row, and the paper as written undoes all four
     paper = dict(next(v[2] for v in train_prm.VARIANTS if v[1] == "_paper"))
-    assert paper == {"fusion": "paper", "final": "template", "readout": "plain", "response": False, "on_policy": False}
-    for key, value in paper.items():
-        assert any(v[2] == {key: value} for v in train_prm.VARIANTS), key
+    assert paper == {"fusion": "paper", "final": "template", "readout": "plain", "response": False,
+                     "total": "paper", "on_policy": False}
+    for key, value in paper.items():   # alone, or with what it needs (no response steps: the paper's total)
+        assert any(v[2] == {key: value} or v[2] == {key: value, "total": "paper"} for v in train_prm.VARIANTS), key
 
 
 def test_histogram_figure_for_a_single_scorer(tmp_path):
@@ -567,3 +584,25 @@ def test_a_misread_copy_has_one_wrong_operand_and_right_arithmetic():
         assert t["approved"][k] is False and t["final"] != t["final"] and out["response"] == rec["response"]
     # nothing to misread: no approved computation line
     assert train_prm.misread({**rec, "thinking": ["let me see"]}, {**target, "step": [0.8]}, random.Random(0)) is None
+
+
+def test_eval_reads_a_trained_prm_another_way_without_training(smoke_data, smoke_policy, smoke_prms, tmp_path):
+    """--rows=sum,paper_total score ReasonFlux-PRM's checkpoint with another total: no reward design,
+    no training; the same step scores (first-error F1), another trajectory score. Without a
+    checkpoint to read, the run stops before any work."""
+    out = tmp_path / "prm"
+    out.mkdir()
+    shutil.copy(smoke_prms["fused"], out / "ckpt.pt")
+    d = smoke_data
+    args = [f"--policy={smoke_policy}", f"--data={d}/train.jsonl", f"--tokenizer={d}/tokenizer.tiktoken",
+            f"--facts={d}/facts.txt", f"--eval_data={d}/prm_eval.jsonl", "--eval_dev=", "--eval_heldout=",
+            "--eval_dev_longer=", "--eval_longer=", "--smoke", "--eval", f"--cache_dir={tmp_path / 'rewards'}"]
+    proc = run_script("train_prm.py", *args, f"--out_dir={out}", "--rows=sum,paper_total")
+    assert "reward design" not in proc.stdout and "| loss " not in proc.stdout   # nothing designed, nothing trained
+    rows = {line.split(",")[0]: line for line in proc.stdout.splitlines() if "records' voice: step_auroc" in line}
+    assert list(rows) == ["total: sum", "paper's total"]
+    f1 = {name: line.split("first_error_f1 ")[1].split(",")[0] for name, line in rows.items()}
+    assert len(set(f1.values())) == 1                     # the same step scores
+    empty = tmp_path / "none"
+    proc = run_script("train_prm.py", *args, f"--out_dir={empty}", "--rows=sum", check=False)
+    assert proc.returncode != 0 and "add the row main" in proc.stderr and not (empty / "ckpt.pt").exists()

@@ -13,6 +13,8 @@ Files (same seed, same bytes):
     prm_eval_dev.jsonl       the same, in a third voice, the development voice: diagnose and choose on it,
                              so that the held-out voice only reports (voices.py)
     prm_eval_longer.jsonl    the same, in the training voice, one operation longer than any record
+    prm_eval_dev_longer.jsonl    the development voice one operation longer: choose on it what must hold
+                             one operation longer, so that prm_eval_longer.jsonl only reports
     processbench_eval.json, processbench_eval_heldout.json, processbench_eval_longer.json
                         the three sets above in ProcessBench's own format (processbench.to_processbench):
                         `python train_prm.py --processbench=...` scores any file in it
@@ -153,6 +155,7 @@ def prepare(cfg, wcfg=None):
     dev = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="dev")
     longer = make_records(rng, hard, cfg.n_prm_eval, seen)
     heldout = make_records(rng, wcfg, cfg.n_prm_eval, seen, voice="heldout")
+    dev_longer = make_records(rng, hard, cfg.n_prm_eval, seen | {r["question"] for r in longer}, voice="dev")
 
     # the tokenizer is trained on everything the models will read
     corpus = "\n".join(["\n".join(r["thinking"] + r["response"]) + "\nQ: " + r["question"]
@@ -170,6 +173,7 @@ def prepare(cfg, wcfg=None):
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_heldout.jsonl"), jsonl(heldout))
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_longer.jsonl"), jsonl(longer))
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_dev.jsonl"), jsonl(dev))
+    write_text_atomic(os.path.join(cfg.out_dir, "prm_eval_dev_longer.jsonl"), jsonl(dev_longer))
     for name, rows in (("eval", prm_eval), ("eval_heldout", heldout), ("eval_longer", longer)):
         write_text_atomic(os.path.join(cfg.out_dir, f"processbench_{name}.json"),
                      json.dumps(to_processbench(rows, name), indent=1) + "\n")
