@@ -334,10 +334,12 @@ class PRM(nn.Module):
 
 
 def records_that_fit(records, tok, block_size, mode="full", what="records"):
-    """The records a PRM with a context of block_size tokens reads whole. The others are named in
-    one warning and left out: a step past the cut has no score, and another position's would be
-    a made-up one."""
-    long = [k for k, r in enumerate(records) if encode_for_prm(tok, r, mode, block_size)["truncated"]]
+    """The records a PRM with a context of block_size tokens reads whole (in `mode`, or in every mode
+    of a tuple: records that several PRMs are compared on). The others are named in one warning and
+    left out: a step past the cut has no score, and another position's would be a made-up one."""
+    modes = (mode,) if isinstance(mode, str) else mode
+    long = [k for k, r in enumerate(records)
+            if any(encode_for_prm(tok, r, m, block_size)["truncated"] for m in modes)]
     if long:
         print(f"warning: {len(long)} of {len(records)} {what} are longer than the PRM's context "
               f"(block_size={block_size}), left out unscored: {record_names(records, long)}")

@@ -505,7 +505,8 @@ def read_inputs(cfg, tok):
     # the checkpoints are read now, not after minutes of reward design; prompts must fit both contexts
     block_size = min(load_checkpoint(p, kind="policy", enc=tok.enc)["model_args"]["block_size"]
                      for p in (cfg.policy, cfg.init or cfg.policy))
-    eval_sets = {name: records_that_fit(rs, tok, block_size, what=f"{name} records")   # the PRMs read them whole
+    # every row reads the same records whole, the response-only PRM too (its encoding is longer)
+    eval_sets = {name: records_that_fit(rs, tok, block_size, ("full", "response_only"), f"{name} records")
                  for name, rs in (read_eval_sets(cfg) if cfg.eval else {}).items()}
     records = skip_long_prompts(records, [len(encode_prompt(tok, r["question"])) for r in records], block_size)
     questions = skip_long_prompts(questions[:cfg.policy_samples],

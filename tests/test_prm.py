@@ -252,6 +252,19 @@ def test_aggregations_of_a_hand_made_score():
         aggregate(s, "median")
 
 
+def test_records_compared_by_several_prms_fit_every_mode(smoke_data, capsys):
+    """The response-only PRM reads a record one token longer than ReasonFlux-PRM: a record at the edge of
+    the context fits one and not the other, and --eval's sets keep only what every row reads whole."""
+    tok = Tokenizer(load_tokenizer(str(smoke_data / "tokenizer.tiktoken")))
+    r = [json.loads(l) for l in open(smoke_data / "prm_eval.jsonl")][0]
+    full, response_only = (len(rfprm.encode_for_prm(tok, r, m)["ids"]) for m in ("full", "response_only"))
+    assert response_only > full
+    assert records_that_fit([r], tok, full) == [r]
+    assert records_that_fit([r], tok, full, "response_only") == []
+    assert records_that_fit([r], tok, full, ("full", "response_only")) == []
+    assert "1 of 1 records are longer" in capsys.readouterr().out
+
+
 def test_score_never_crashes_on_odd_records(smoke_prms, capsys):
     prm = load_prm(str(smoke_prms["fused"]), device="cpu")
     records = [{"question": "1 + 2", "thinking": [], "response": ["Answer: 3"]},
