@@ -295,11 +295,12 @@ def test_alpha_zero_rewards_the_step_score_alone(smoke_data, smoke_prms):
     comps = [encode_completion(tok, ["first, 3 * 4 = 12", "then 2 + 12 = 14"], ["1. 3 * 4 = 12", "2. 2 + 12 = 14",
                                                                                "Answer: 14"]),
              encode_completion(tok, ["2 + 3 = 5", "5 * 4 = 20"], ["Answer: 20"])]
-    for alpha in (1.0, 0.0):
+    for alpha in (1.0, 0.0):   # the gated total over its largest value, 1 + α
         rew = grpo.reward_batch(tok, comps, [q, q], [True, False], prm, grpo.GRPOConfig(reward="prm", alpha=alpha))
-        steps = [sum(s["step"]) / len(s["step"]) + min(s["response"]) for s in rew["scores"]]
+        means = [sum(s["step"]) / len(s["step"]) for s in rew["scores"]]
+        gates = [min(s["response"]) for s in rew["scores"]]
         traj = [s["trajectory"] for s in rew["scores"]]
-        want = [(m + alpha * t) / (2 + alpha) for m, t in zip(steps, traj)]
+        want = [g * (m + alpha * t) / (1 + alpha) for g, m, t in zip(gates, means, traj)]
         assert rew["prm"].tolist() == pytest.approx(want, abs=1e-6)
     assert grpo.variant_name(grpo.GRPOConfig(reward="mix", alpha=0.0)) == "mix β=0.75 α=0"
     assert grpo.variant_name(grpo.GRPOConfig(reward="rule", alpha=0.0)) == "rule"
