@@ -110,7 +110,10 @@ def prm_tokens(tok, question, thinking, response, block_size=None):
     Layout as the policy reads it (prompt, thinking, <|/think|>, response, <|endoftext|>). A
     step's score is read at the token that ends it: the newline after a line (or <|/think|>
     after the last thinking line, <|endoftext|> after the last response line); the
-    trajectory's at the final <|endoftext|>. step_of[p] is the end position of the step that
+    trajectory's at the final <|endoftext|>. So the trajectory shares its output with the answer
+    line, on purpose: r_final, from two rollouts, is a noisy label, and an output regressing both
+    leans on whether the answer is right (a token of its own for the trajectory ranked records
+    in their own voice worse). step_of[p] is the end position of the step that
     token p belongs to, result_of[p] the same for the tokens of the step's result only,
     checked_of[p] for the tokens the surprise term checks (step_result_tokens), operands_of[p]
     for the digits of that span that are not the result's; -1 elsewhere.
