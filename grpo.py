@@ -5,8 +5,8 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=6      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=6   # the β sweep
-    python grpo.py --variants=rule,mix --seeds=3 --questions=data/arith/rl_questions.jsonl --scale_std=true
-                                                      # the records' own questions, GRPO's advantage
+    python grpo.py --variants=rule,mix --seeds=3 --questions=data/arith/rl_hard.jsonl
+                                                      # harder questions: most groups all wrong under the rule
     python grpo.py --variants=mix --expert_steps=true --seeds=6   # a perfect step checker in the PRM's place
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
@@ -35,16 +35,18 @@ Known variants, one flag each:
 With μ = 1 (the default) π_old = π_θ: the ratio is 1, nothing is clipped and the printed loss sits
 near zero, yet the gradient is the policy gradient. Watch reward and accuracy, not the loss.
 
-Two defaults depart from the paper's setting, so that a step score has something to add to the rule:
-  * the questions (rl_hard.jsonl) are one operation harder than any training record, so right samples
-    are rare and most groups are all wrong under the rule: there the PRM's ranking of the wrong samples
-    is the signal. On the records' own questions (--questions=data/arith/rl_questions.jsonl) the rule,
-    an exact verifier, already separates the samples of three groups in four, and no step score, not
-    even the expert's own labels (--expert_steps), adds to it;
-  * the advantage is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with no division by the group's
-    std (--scale_std=true: GRPO's). The std is smallest where one sample of eight is right, so GRPO
-    weighs a lone right answer most, and on these questions the rule reward alone then falls below
-    the starting policy.
+The questions are the records' own distribution (rl_questions.jsonl, 2-3 operations), as in the paper:
+GRPO trains on questions like those the policy will be asked. There the rule reward, an exact verifier,
+separates the samples of most groups, and the policy sampled at τ = 1 is far below its greedy accuracy,
+so GRPO has much to sharpen. On questions one operation harder than any record
+(--questions=data/arith/rl_hard.jsonl) most groups are all wrong under the rule: the rule alone rewards
+the rare right samples and the policy falls below its start on the test questions, while rule + PRM
+does not; a step score there limits damage rather than adds learning. That is a row, not the default.
+
+One default departs from GRPO: the advantage is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with
+no division by the group's std (--scale_std=true: GRPO's). The std is smallest where one sample of eight
+is right, so GRPO weighs a lone right answer most; on the harder questions that makes the rule alone
+fall further.
 
 Where this departs from, or simplifies, GRPO and the paper otherwise:
   * the whole rollout batch is one minibatch: μ passes over it, one optimiser step each;
@@ -54,11 +56,14 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
   * the PRM reads the completion decoded and split into lines (split_completion), as at test time;
   * process supervision (ours, after DeepSeekMath): a reward per thinking line at the token that ends
     it, α·R_φ(trajectory) at the last; the token advantage is (1 − β)·Â_rule + β·(reward-to-go);
-  * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is greedy accuracy on
-    the test questions (the records' distribution) and on held-out questions of the RL distribution: the
-    last --heldout_questions of --questions, never drawn for training. --eval_samples=k reads avg@k
-    instead: the mean accuracy of k samples per question at τ, the quantity GRPO's expected reward
-    raises, drawn from one fixed generator so that start, end and every run read the same numbers.
+  * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is avg@2 (ours,
+    --eval_samples=2), the mean accuracy of 2 samples per question at τ, on the test questions (the
+    records' distribution) and on held-out questions of the RL distribution: the last
+    --heldout_questions of --questions, never drawn for training. avg@k is the quantity GRPO's expected
+    reward raises and the pass@1 DeepSeek-R1 reports; the samples come from one fixed generator, so
+    that start, end and every run read the same numbers. --eval_samples=0 reads greedy accuracy: in 30
+    steps GRPO sharpens the sampled policy far more than it moves the greedy answer, which on some
+    pipeline seeds does not move at all.
 """
 
 import json
@@ -86,7 +91,7 @@ class GRPOConfig:
     out_dir: str = "out/grpo"
     init: str = "out/policy/ckpt.pt"     # the starting policy, and the frozen reference π_ref
     prm: str = "out/prm/ckpt.pt"         # ReasonFlux-PRM (read only when the reward needs it)
-    questions: str = "data/arith/rl_hard.jsonl"   # one operation harder than any record (see the docstring)
+    questions: str = "data/arith/rl_questions.jsonl"   # the records' distribution; rl_hard.jsonl: one operation harder
     test: str = "data/arith/test.jsonl"
     heldout_questions: int = 500         # the last questions of --questions: never drawn, evaluated beside --test
     tokenizer: str = DEFAULT_VOCAB
@@ -124,7 +129,7 @@ class GRPOConfig:
     eval_every: int = 10
     eval_questions: int = 200            # accuracy on the first test questions, during training
     final_questions: int = 1000          # ... and at the start and the end
-    eval_samples: int = 0                # 0: greedy accuracy; k: avg@k, the mean accuracy of k samples per question at --temperature
+    eval_samples: int = 2                # k: avg@k, the mean accuracy of k samples per question at --temperature; 0: greedy
     log_every: int = 5
     sample_every: int = 25               # print a few sampled completions with their rewards
     ckpt_every: int = 10
