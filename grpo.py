@@ -43,7 +43,7 @@ so GRPO has much to sharpen. On questions one operation harder than any record
 the rare right samples and the policy falls below its start on the test questions, while rule + PRM
 does not; a step score there limits damage rather than adds learning. That is a row, not the default.
 
-One default departs from GRPO: the advantage is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with
+The advantage departs from GRPO: it is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with
 no division by the group's std (--scale_std=true: GRPO's). The std is smallest where one sample of eight
 is right, so GRPO weighs a lone right answer most; on the harder questions that makes the rule alone
 fall further.
