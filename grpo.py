@@ -42,6 +42,10 @@ so GRPO has much to sharpen. On questions one operation harder than any record
 (--questions=data/arith/rl_hard.jsonl) most groups are all wrong under the rule: the rule alone rewards
 the rare right samples and the policy falls below its start on the test questions, while rule + PRM
 does not; a step score there limits damage rather than adds learning. That is a row, not the default.
+So are fewer samples a question for the same samples a step (--group_size=4 --questions_per_step=16,
+or 2 and 32): more groups are then equal under the rule, only the PRM's score ranks them, and the PRM
+adds more, but to a rule that learns less than with groups of 8, the default: the PRM then stands in
+for samples rather than adding to a well-sampled verifier.
 
 The advantage departs from GRPO: it is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with
 no division by the group's std (--scale_std=true: GRPO's). The std is smallest where one sample of eight
