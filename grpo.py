@@ -5,8 +5,8 @@ GRPO with ReasonFlux-PRM as a reward: the paper's online setting.
     python grpo.py --reward=rule                      # the outcome-only baseline
     python grpo.py --variants=rule,mix --seeds=6      # the comparison: mean ± std over seeds
     python grpo.py --variants=mix@0.25,mix@0.5,prm --seeds=6   # the β sweep
-    python grpo.py --variants=rule,mix --seeds=3 --questions=data/arith/rl_hard.jsonl
-                                                      # harder questions: most groups all wrong under the rule
+    python grpo.py --variants=rule,mix --seeds=3 --questions=data/arith/rl_questions.jsonl
+                                                      # the paper's: questions of the records' distribution only
     python grpo.py --variants=mix --expert_steps=true --seeds=6   # a perfect step checker in the PRM's place
 
 One step (Shao et al. 2024, DeepSeekMath §4.1.2-4.1.3, Algorithm 1):
@@ -35,17 +35,17 @@ Known variants, one flag each:
 With μ = 1 (the default) π_old = π_θ: the ratio is 1, nothing is clipped and the printed loss sits
 near zero, yet the gradient is the policy gradient. Watch reward and accuracy, not the loss.
 
-The questions are the records' own distribution (rl_questions.jsonl, 2-3 operations), as in the paper:
-GRPO trains on questions like those the policy will be asked. There the rule reward, an exact verifier,
-separates the samples of most groups, and the policy sampled at τ = 1 is far below its greedy accuracy,
-so GRPO has much to sharpen. On questions one operation harder than any record
-(--questions=data/arith/rl_hard.jsonl) most groups are all wrong under the rule: the rule alone rewards
-the rare right samples and the policy falls below its start on the test questions, while rule + PRM
-does not; a step score there limits damage rather than adds learning. That is a row, not the default.
-So are fewer samples a question for the same samples a step (--group_size=4 --questions_per_step=16,
-or 2 and 32): more groups are then equal under the rule, only the PRM's score ranks them, and the PRM
-adds more, but to a rule that learns less than with groups of 8, the default: the PRM then stands in
-for samples rather than adding to a well-sampled verifier.
+The questions (ours) are half the records' distribution (2-3 operations, as the test's), half one
+operation harder than any record (data/arith/rl_mixed.jsonl; prepare.mixed_questions). The paper
+trains on questions like those the policy will be asked (--questions=data/arith/rl_questions.jsonl):
+there the exact verifier separates the samples of most groups of 8 and the PRM's ranking adds little
+to it. On the harder questions alone (--questions=data/arith/rl_hard.jsonl) most groups are all wrong
+under the rule: the PRM's step scores are then the only signal, and the rule alone barely moves its
+start. Half and half keeps both: the rule learns from the records' half, the PRM adds on the harder
+half what the rule cannot see. The held-out questions of rl_mixed.jsonl, its last quarter, are of the
+records' distribution: the settings were chosen on them, not on the test questions. Fewer samples a
+question for the same samples a step (--group_size=4 --questions_per_step=16, or 2 and 32) also leave
+more groups equal under the rule, but the rule then learns less than with groups of 8, the default.
 
 The advantage departs from GRPO: it is Dr. GRPO's (Liu et al. 2025), r_i − mean(r_group), with
 no division by the group's std (--scale_std=true: GRPO's). The std is smallest where one sample of eight
@@ -62,8 +62,8 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
     it, α·R_φ(trajectory) at the last; the token advantage is (1 − β)·Â_rule + β·(reward-to-go);
   * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is avg@2 (ours,
     --eval_samples=2), the mean accuracy of 2 samples per question at τ, on the test questions (the
-    records' distribution) and on held-out questions of the RL distribution: the last
-    --heldout_questions of --questions, never drawn for training. avg@k is the quantity GRPO's expected
+    records' distribution) and on held-out questions: the last --heldout_questions of --questions,
+    never drawn for training. avg@k is the quantity GRPO's expected
     reward raises and the pass@1 DeepSeek-R1 reports; the samples come from one fixed generator, so
     that start, end and every run read the same numbers. --eval_samples=0 reads greedy accuracy: in 30
     steps GRPO sharpens the sampled policy far more than it moves the greedy answer, which on some
@@ -95,7 +95,7 @@ class GRPOConfig:
     out_dir: str = "out/grpo"
     init: str = "out/policy/ckpt.pt"     # the starting policy, and the frozen reference π_ref
     prm: str = "out/prm/ckpt.pt"         # ReasonFlux-PRM (read only when the reward needs it)
-    questions: str = "data/arith/rl_questions.jsonl"   # the records' distribution; rl_hard.jsonl: one operation harder
+    questions: str = "data/arith/rl_mixed.jsonl"   # half records', half harder (ours); rl_questions.jsonl: the paper's
     test: str = "data/arith/test.jsonl"
     heldout_questions: int = 500         # the last questions of --questions: never drawn, evaluated beside --test
     tokenizer: str = DEFAULT_VOCAB

@@ -207,8 +207,8 @@ def headline_figures(root):
     figures = {}
     for rel, of in (("policy/eval.json", lambda r: {"policy greedy accuracy (%)": 100 * r["greedy"]["acc"]}),
                     ("prm/processbench.json", prm_figures), ("select/results.json", select_figures),
-                    ("grpo/results.json", grpo_figures), ("grpo_hard/results.json",
-                                                          lambda r: {k + " (harder questions)": v
+                    ("grpo/results.json", grpo_figures), ("grpo_records/results.json",
+                                                          lambda r: {k + " (the records' questions)": v
                                                                      for k, v in grpo_figures(r).items()}),
                     ("tts/results.json", tts_figures)):
         res, _ = read_results(os.path.join(root, rel))

@@ -21,6 +21,6 @@ stage policy  python "$ROOT/sft.py" --init=out/base/ckpt.pt --out_dir=out/policy
                                                                                              #    out/start, is where selection's students start: it never saw the pool
 stage prm     python "$ROOT/train_prm.py" --eval --rows=main,response,outcome,confidence $P $S # 4. reward design, PRMs, ProcessBench (all rows: drop --rows)
 stage select  python "$ROOT/select_data.py" $P $S                                              # 5. offline: data selection from the pool
-stage grpo    python "$ROOT/grpo.py" --variants=rule,mix --seeds=6 $P $S                       # 6. online: GRPO, rule vs rule + PRM (β = 0.75), the records' questions
+stage grpo    python "$ROOT/grpo.py" --variants=rule,mix --seeds=6 $P $S                       # 6. online: GRPO, rule vs rule + PRM (β = 0.75), half the questions harder
 stage tts     python "$ROOT/tts.py" $P $S                                                      # 7. test time: Best-of-N
 python "$ROOT/report.py"                                                                       # out/results.md: every table, with times

@@ -29,6 +29,16 @@ def test_hard_rl_questions_have_one_operation_more_and_right_answers(smoke_data)
     assert all(task.solution_steps(task.parse(q["question"]))[-1][3] == q["answer"] for q in hard)
 
 
+def test_grpo_questions_are_half_harder_with_the_records_distribution_held_out_at_the_end(smoke_data):
+    rl, hard = read_jsonl(smoke_data / "rl_questions.jsonl"), read_jsonl(smoke_data / "rl_hard.jsonl")
+    mixed = read_jsonl(smoke_data / "rl_mixed.jsonl")
+    k = len(rl) - len(rl) // 4
+    head, tail = mixed[:-(len(rl) // 4)], mixed[-(len(rl) // 4):]
+    assert tail == rl[k:]   # grpo.py holds out the file's tail: questions of the test's distribution, never trained on
+    assert sorted(map(str, head)) == sorted(map(str, rl[:k] + hard[:k])) and head != rl[:k] + hard[:k]   # shuffled
+    assert not {q["question"] for q in head} & {q["question"] for q in tail}
+
+
 def test_tokenizer_round_trip_on_arbitrary_unicode(smoke_data):
     enc = load_tokenizer(str(smoke_data / "tokenizer.tiktoken"))
     rng = random.Random(0)

@@ -21,6 +21,8 @@ Files (same seed, same bytes):
     rl_questions.jsonl  questions for GRPO: {"id", "question", "answer", "n_ops"}
     rl_hard.jsonl       harder questions for GRPO, one operation more than any record: where the policy
                         rarely gets an answer right, so the rule reward is sparse (grpo.py, README)
+    rl_mixed.jsonl      GRPO's questions: the first three quarters of rl_questions and as many of rl_hard, shuffled,
+                        then rl_questions' last quarter, which GRPO holds out (mixed_questions)
     test.jsonl          held-out test questions, disjoint from everything above
     facts.txt           single-operation facts, the stand-in for a pretrained base model
     tokenizer.tiktoken  byte-level BPE ranks in tiktoken's file format (digits one per token)
@@ -134,6 +136,16 @@ def make_records(rng, wcfg, n, seen, voice="train"):
     return records
 
 
+def mixed_questions(rl, rl_hard, seed):
+    """GRPO's questions: rl's first three quarters and as many of rl_hard's, shuffled, then rl's last
+    quarter. grpo.py holds out a file's tail, so the held-out questions are of the records' (and the
+    test's) distribution, never trained on: a read of the test's distribution to choose GRPO's settings on."""
+    k = len(rl) - len(rl) // 4
+    train = rl[:k] + rl_hard[:k]
+    random.Random(seed).shuffle(train)   # its own generator: every other file stays as it was
+    return train + rl[k:]
+
+
 def prepare(cfg, wcfg=None):
     """Make every file; return a summary dict."""
     wcfg = wcfg or task.WorldConfig()
@@ -167,6 +179,7 @@ def prepare(cfg, wcfg=None):
     write_text_atomic(os.path.join(cfg.out_dir, "test.jsonl"), jsonl(test))
     write_text_atomic(os.path.join(cfg.out_dir, "rl_questions.jsonl"), jsonl(rl))
     write_text_atomic(os.path.join(cfg.out_dir, "rl_hard.jsonl"), jsonl(rl_hard))
+    write_text_atomic(os.path.join(cfg.out_dir, "rl_mixed.jsonl"), jsonl(mixed_questions(rl, rl_hard, cfg.seed)))
     write_text_atomic(os.path.join(cfg.out_dir, "train.jsonl"), jsonl(train))
     write_text_atomic(os.path.join(cfg.out_dir, "pool.jsonl"), jsonl(pool))
     write_text_atomic(os.path.join(cfg.out_dir, "prm_eval.jsonl"), jsonl(prm_eval))
