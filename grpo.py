@@ -42,8 +42,8 @@ there the exact verifier separates the samples of most groups of 8 and the PRM's
 to it. On the harder questions alone (--questions=data/arith/rl_hard.jsonl) most groups are all wrong
 under the rule: the PRM's step scores are then the only signal, and the rule alone barely moves its
 start. Half and half keeps both: the rule learns from the records' half, the PRM adds on the harder
-half what the rule cannot see. The held-out questions of rl_mixed.jsonl, its last quarter, are of the
-records' distribution: the settings were chosen on them, not on the test questions. Fewer samples a
+half what the rule cannot see. rl_mixed.jsonl's held-out tail (its last 500, rl_questions' last quarter)
+is of the records' distribution: the settings were chosen on it, not on the test questions. Fewer samples a
 question for the same samples a step (--group_size=4 --questions_per_step=16, or 2 and 32) also leave
 more groups equal under the rule, but the rule then learns less than with groups of 8, the default.
 

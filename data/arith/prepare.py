@@ -138,8 +138,9 @@ def make_records(rng, wcfg, n, seen, voice="train"):
 
 def mixed_questions(rl, rl_hard, seed):
     """GRPO's questions: rl's first three quarters and as many of rl_hard's, shuffled, then rl's last
-    quarter. grpo.py holds out a file's tail, so the held-out questions are of the records' (and the
-    test's) distribution, never trained on: a read of the test's distribution to choose GRPO's settings on."""
+    quarter. grpo.py holds out a file's last --heldout_questions (500, rl's last quarter at the default
+    n_rl), so its held-out questions are of the records' (and the test's) distribution, never trained on:
+    a read of the test's distribution to choose GRPO's settings on."""
     k = len(rl) - len(rl) // 4
     train = rl[:k] + rl_hard[:k]
     random.Random(seed).shuffle(train)   # its own generator: every other file stays as it was
