@@ -36,14 +36,14 @@ With μ = 1 (the default) π_old = π_θ: the ratio is 1, nothing is clipped and
 near zero, yet the gradient is the policy gradient. Watch reward and accuracy, not the loss.
 
 The questions (ours) are half the records' distribution (2-3 operations, as the test's), half one
-operation harder than any record (data/arith/rl_mixed.jsonl; prepare.mixed_questions). The paper
-trains on questions like those the policy will be asked (--questions=data/arith/rl_questions.jsonl):
-there the exact verifier separates the samples of most groups of 8 and the PRM's ranking adds little
-to it. On the harder questions alone (--questions=data/arith/rl_hard.jsonl) most groups are all wrong
-under the rule: the PRM's step scores are then the only signal, and the rule alone barely moves its
-start. Half and half keeps both: the rule learns from the records' half, the PRM adds on the harder
-half what the rule cannot see. rl_mixed.jsonl's held-out tail (its last 500, rl_questions' last quarter)
-is of the records' distribution: the settings were chosen on it, not on the test questions. Fewer samples a
+operation harder than any record (data/arith/rl_mixed.jsonl; prepare.mixed_questions). The paper trains
+on questions like those the policy will be asked (--questions=data/arith/rl_questions.jsonl): there the
+exact verifier separates the samples of most groups of 8 and the PRM's ranking adds little to it. On
+the harder questions alone (--questions=data/arith/rl_hard.jsonl) most groups are all wrong under the
+rule: the PRM's step scores are then the only signal, and the rule alone barely moves its start. Half
+and half keeps both: the rule learns from the records' half, the PRM adds on the harder half what the
+rule cannot see. rl_mixed.jsonl's held-out tail (its last 500, rl_questions' last quarter) is of the
+records' distribution: the settings were chosen on it, not on the test questions. Fewer samples a
 question for the same samples a step (--group_size=4 --questions_per_step=16, or 2 and 32) also leave
 more groups equal under the rule, but the rule then learns less than with groups of 8, the default.
 
@@ -63,11 +63,11 @@ Where this departs from, or simplifies, GRPO and the paper otherwise:
   * a tiny policy on synthetic arithmetic instead of Qwen2.5 on MATH; the metric is avg@2 (ours,
     --eval_samples=2), the mean accuracy of 2 samples per question at τ, on the test questions (the
     records' distribution) and on held-out questions: the last --heldout_questions of --questions,
-    never drawn for training. avg@k is the quantity GRPO's expected
-    reward raises and the pass@1 DeepSeek-R1 reports; the samples come from one fixed generator, so
-    that start, end and every run read the same numbers. --eval_samples=0 reads greedy accuracy: in 30
-    steps GRPO sharpens the sampled policy far more than it moves the greedy answer, which on some
-    pipeline seeds does not move at all.
+    never drawn for training. avg@k is the quantity GRPO's expected reward raises and the pass@1
+    DeepSeek-R1 reports; the samples come from one fixed generator, so that start, end and every run
+    read the same numbers. --eval_samples=0 reads greedy accuracy: in 30 steps GRPO sharpens the
+    sampled policy far more than it moves the greedy answer, which on some pipeline seeds does not move
+    at all.
 """
 
 import json
