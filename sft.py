@@ -14,8 +14,11 @@ single-operation facts (the stand-in for a pretrained LLM), and the policy and e
 student start from it, so distilled data teaches reasoning rather than arithmetic from zero.
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
-by number of operations. Other scripts call `train_policy(records, cfg)` to train a
-student under a fixed budget and `evaluate.accuracy(...)` to score it.
+by number of operations. With --target_acc the policy stops at the first checkpoint whose greedy
+accuracy on data/arith/rl_questions.jsonl reaches it (ours, checkpoint_saver), so that the policy
+of every world starts the later stages equally strong; without it (the default), a fixed budget,
+as in the paper. Other scripts call `train_policy(records, cfg)` to train a student under a fixed
+budget and `evaluate.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
@@ -49,6 +52,7 @@ class SFTConfig:
     pretrain: bool = False         # train the base model on `facts` instead of SFT on `data`
     facts: str = "data/arith/facts.txt"
     test: str = "data/arith/test.jsonl"
+    dev: str = "data/arith/rl_questions.jsonl"   # the stopping rule's questions (checkpoint_saver)
     init: str = ""                 # start from this checkpoint (normally out/base/ckpt.pt)
     tokenizer: str = DEFAULT_VOCAB
     # model, when not starting from --init
@@ -68,11 +72,17 @@ class SFTConfig:
     grad_clip: float = 1.0
     template_frac: float = 0.25    # share of examples that are template-conditioned
     seed: int = 1337
+    # the stopping rule (ours; checkpoint_saver): stop at the first checkpoint from dev_from on whose greedy accuracy
+    # on --dev reaches target_acc, so that every world's policy starts GRPO and Best-of-N equally strong;
+    # 0: train all max_steps (the paper's fixed budget)
+    target_acc: float = 0.0
+    dev_from: int = 2000
+    dev_every: int = 250           # read every dev_every steps; within NEAR of the target, at every checkpoint
     # evaluation, logging, checkpoints
     eval_questions: int = 1000     # the whole test set: on 500 the s.e. alone is ~2 points; 0 = skip evaluation
     sample_temperature: float = 1.0
     log_every: int = 50
-    ckpt_every: int = 250
+    ckpt_every: int = 50           # cheap: the stopping rule may stop at any checkpoint
     resume: bool = False
     stop_at: int = 0               # stop after this step but keep max_steps' schedule (pause; --resume later)
     snapshot_step: int = 0         # also keep the model of this step (a multiple of ckpt_every; 0 = none) ...
@@ -93,7 +103,7 @@ SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_qu
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (options.check_options), and the values of a choice
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
-                eval_questions=0, log_every=1, ckpt_every=1, stop_at=0, snapshot_step=0)
+                eval_questions=0, log_every=1, ckpt_every=1, dev_every=1, stop_at=0, snapshot_step=0)
 CHOICES = dict(subset=("all", "clean"))
 # what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes what is trained
@@ -198,6 +208,10 @@ def check_sft_options(cfg):
         require(cfg.snapshot_step < cfg.max_steps and cfg.snapshot_step % cfg.ckpt_every == 0,
                 f"--snapshot_step={cfg.snapshot_step} must be below --max_steps={cfg.max_steps} and a multiple "
                 f"of --ckpt_every={cfg.ckpt_every} (the snapshot is taken when a checkpoint is)")
+    require(0 <= cfg.target_acc <= 1, f"--target_acc={cfg.target_acc} must lie in [0, 1] (0: no stopping rule)")
+    require(not cfg.target_acc or cfg.dev_from >= cfg.snapshot_step,
+            f"--dev_from={cfg.dev_from} must not come before --snapshot_step={cfg.snapshot_step}: a run that "
+            f"stops earlier never takes its snapshot")
     check_writable(cfg.out_dir, cfg.snapshot_dir)
 
 
@@ -246,18 +260,60 @@ def resume_or_start(model, cfg, resumed, device, rank):
     return optimizer, resumed["step"]
 
 
-def checkpoint_saver(cfg, model, tok, origin, rank):
-    """The ckpt_fn of training.train: the checkpoint (rank 0), and the snapshot at --snapshot_step."""
+NEAR = 0.10   # within this of the target, the stopping rule reads at every checkpoint
+
+
+def dev_read_due(cfg, step, last_read):
+    """Whether the stopping rule reads the policy's dev accuracy at this checkpoint: every --dev_every
+    steps from --dev_from on, and at every checkpoint once the last read came within NEAR of the
+    target, where a few hundred steps move the accuracy by several points."""
+    return bool(cfg.target_acc) and step >= cfg.dev_from and (
+        step % cfg.dev_every == 0 or last_read >= cfg.target_acc - NEAR)
+
+
+def dev_accuracy(cfg, model, tok, questions, step):
+    """The policy's greedy accuracy on the dev questions, printed and logged (metrics.jsonl, "dev_greedy")."""
+    acc = accuracy(model, tok, questions)["acc"]
+    model.train()  # accuracy() leaves the model in eval mode
+    print(f"step {step}: greedy accuracy {acc:.1%} on {len(questions):,} questions of {cfg.dev} "
+          f"(stop at {cfg.target_acc:.1%})")
+    with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, "dev_greedy": acc}) + "\n")
+    return acc
+
+
+def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=0.0):
+    """The ckpt_fn of training.train: the checkpoint (rank 0), the snapshot at --snapshot_step, and
+    the stopping rule (ours): returns True at the first checkpoint whose greedy accuracy on the dev
+    questions reaches --target_acc (read when dev_read_due).
+
+    Why the rule: the paper fine-tunes for a fixed budget. Our small model learns the order of
+    operations late and suddenly, so after a fixed budget the policies of two worlds (or of two
+    CPUs' float paths) stand far apart, and every later stage inherits its start. Stopping at an
+    accuracy read on questions that nothing reports makes the start a setting instead of a draw.
+    The questions are GRPO's (rl_questions.jsonl): drawn right after the test's, before any record,
+    so of the test's own distribution, and never in the SFT data. (A set drawn after the records
+    is not: most small questions are taken by then, and what is left is harder.)
+    --target_acc=0: the paper's fixed budget."""
+    read = {"last": last_read}   # the last accuracy read, kept in the checkpoint for a resume
     def save(step, opt):
         if rank != 0:
-            return
+            return False
+        due = dev_read_due(cfg, step, read["last"])
+        if due:
+            read["last"] = dev_accuracy(cfg, model, tok, dev_questions, step)
+        stop = due and read["last"] >= cfg.target_acc
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
                         make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
-                                        optimizer=opt.state_dict(), step=step))
+                                        optimizer=opt.state_dict(), step=step, reached_target=stop,
+                                        dev_read=read["last"]))
         if step == cfg.snapshot_step:  # the same weights, kept: an earlier model of this very run
             save_checkpoint(os.path.join(cfg.snapshot_dir, "ckpt.pt"),
                             make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin, step=step))
             print(f"snapshot of step {step}: {cfg.snapshot_dir}/ckpt.pt")
+        if stop:
+            print(f"step {step}: the target is reached; this checkpoint is the policy")
+        return stop
     return save
 
 
@@ -268,11 +324,11 @@ def evaluate_policy(model, tok, questions, cfg, device, train_s, info):
                        torch.Generator(device=device).manual_seed(cfg.seed))
     print(format_accuracy("greedy", greedy))
     print(format_accuracy(f"sampled (T={cfg.sample_temperature})", sampled))
-    result = {"greedy": greedy, "sampled": sampled, "train_seconds": train_s,
+    result = {"greedy": greedy, "sampled": sampled, "train_seconds": train_s, "steps": info["steps"],
               "subset": cfg.subset, "tokens": info["tokens"], "config": asdict(cfg)}
     write_json_atomic(os.path.join(cfg.out_dir, "eval.json"), result)
     with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": cfg.max_steps, "eval_greedy": greedy["acc"],
+        f.write(json.dumps({"step": info["steps"], "eval_greedy": greedy["acc"],
                             "eval_sampled": sampled["acc"]}) + "\n")
 
 
@@ -288,6 +344,8 @@ def main(argv=None):
     examples = read_examples(cfg, tok)
     evaluating = rank == 0 and cfg.eval_questions and not cfg.pretrain
     questions = read_jsonl(cfg.test, ("question", "answer", "n_ops"))[:cfg.eval_questions] if evaluating else []
+    stopping = rank == 0 and cfg.target_acc and not cfg.pretrain
+    dev_questions = read_jsonl(cfg.dev, ("question", "answer")) if stopping else []
     model = new_model(cfg, tok, device)
     os.makedirs(cfg.out_dir, exist_ok=True)  # once every input has been read and checked
     if rank == 0:
@@ -297,14 +355,18 @@ def main(argv=None):
         print(f"{len(examples):,} examples, {int((Y != -1).sum()):,} target tokens, "
               f"model {model.num_params() / 1e6:.2f}M parameters, data ready in {time.time() - t0:.1f}s")
     optimizer, start_step = resume_or_start(model, cfg, resumed, device, rank)
-    info = train(wrap_for_training(model, cfg.compile, world), lm_batch_loss(X, Y, device, world), target_lengths(Y),
-                 cfg, device, rank, world, ckpt_fn=checkpoint_saver(cfg, model, tok, origin, rank),
-                 start_step=start_step, optimizer=optimizer,
-                 metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), stop_at=cfg.stop_at)
+    if resumed and resumed.get("reached_target"):
+        info = {"tokens": 0, "loss": float("nan"), "steps": start_step}   # a finished run: nothing to train
+    else:
+        info = train(wrap_for_training(model, cfg.compile, world), lm_batch_loss(X, Y, device, world),
+                     target_lengths(Y), cfg, device, rank, world,
+                     ckpt_fn=checkpoint_saver(cfg, model, tok, origin, rank, dev_questions,
+                                              (resumed or {}).get("dev_read", 0.0)),
+                     start_step=start_step, optimizer=optimizer,
+                     metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), stop_at=cfg.stop_at)
     train_s = time.time() - t0
     if rank == 0:
-        print(f"trained {min(cfg.stop_at or cfg.max_steps, cfg.max_steps) - start_step} steps in {train_s:.0f}s, "
-              f"{info['tokens']:,} target tokens")
+        print(f"trained {info['steps'] - start_step} steps in {train_s:.0f}s, {info['tokens']:,} target tokens")
     if evaluating:
         evaluate_policy(model, tok, questions, cfg, device, train_s, info)
     end_run()

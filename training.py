@@ -187,8 +187,9 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     lengths (N,) orders the examples so that a batch has similar lengths. A non-finite
     loss or gradient stops the run, naming the step, before anything else is logged or saved:
     the last checkpoint on disk stays the last good one. A resumed run (start_step > 0) first
-    drops the metrics rows of the steps it will log again.
-    Returns {"tokens": targets seen, "loss": last logged loss}.
+    drops the metrics rows of the steps it will log again. ckpt_fn(step, optimizer) saves; when it
+    returns True (sft.py's stopping rule) the run ends at that step.
+    Returns {"tokens": targets seen, "loss": last logged loss, "steps": the step it ended at}.
     """
     if metrics_path and rank == 0 and start_step > 0:
         keep_metrics_before(metrics_path, start_step)
@@ -230,9 +231,16 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": loss_val, "lr": lr,
                                             "grad_norm": float(gnorm)}) + "\n")
-        if save_now:
-            ckpt_fn(step + 1, optimizer)
-    return {"tokens": tokens_seen, "loss": loss_val}
+        if save_now and stop_requested(ckpt_fn(step + 1, optimizer), device):
+            last_step = step + 1
+            break
+    return {"tokens": tokens_seen, "loss": loss_val, "steps": last_step}
+
+
+def stop_requested(stop, device):
+    """Whether any rank's ckpt_fn asked to stop (sft.py's stopping rule runs on rank 0 only): every
+    rank must leave the loop at the same step, or the next all-reduce waits forever."""
+    return bool(all_reduce_sum(torch.tensor(float(bool(stop)), device=device)) > 0)
 
 
 def non_finite(step):

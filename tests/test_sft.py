@@ -100,6 +100,8 @@ def test_bad_inputs_are_refused_clearly(smoke_data, smoke_base, tmp_path):
     assert proc.returncode != 0 and "max_steps" in proc.stderr
     proc = run_script("sft.py", "--smoke", "--snapshot_step=5", f"--snapshot_dir={tmp_path / 'snap'}", check=False)
     assert proc.returncode != 0 and "--snapshot_step=5" in proc.stderr and "ckpt_every" in proc.stderr
+    proc = run_script("sft.py", "--smoke", "--target_acc=70", check=False)
+    assert proc.returncode != 0 and "--target_acc=70" in proc.stderr
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, tmp_path):
@@ -165,3 +167,23 @@ def test_killed_run_resumes_to_the_same_weights(smoke_data, smoke_base, tmp_path
     assert a["step"] == b["step"] == 30 and a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+
+
+def test_stopping_rule_stops_at_the_first_checkpoint_that_reaches_the_target(smoke_data, smoke_base, tmp_path,
+                                                                              monkeypatch):
+    # the dev accuracy is scripted: read every 10 steps, 0.2 at step 10, 0.45 at step 20: within 0.1 of the
+    # 0.5 target, so the next checkpoint is read too: 0.6 at step 25 stops the run there
+    reads = iter([0.2, 0.45, 0.6])
+    monkeypatch.setattr(sft, "accuracy", lambda *a, **k: {"acc": next(reads), "by_ops": {}, "n": 1})
+    out = tmp_path / "policy"
+    args = ["--smoke", f"--init={smoke_base}", "--eval_questions=0", "--ckpt_every=5", "--dev_from=10",
+            "--dev_every=10", "--max_steps=40",
+            "--target_acc=0.5", f"--dev={smoke_data}/test.jsonl", f"--out_dir={out}", *data_args(smoke_data)]
+    sft.main(args)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 25 and ck["reached_target"], "stopped at the first read at or above the target"
+    dev = [json.loads(l) for l in open(out / "metrics.jsonl") if "dev_greedy" in l]
+    assert [(r["step"], r["dev_greedy"]) for r in dev] == [(10, 0.2), (20, 0.45), (25, 0.6)]
+    assert max(json.loads(l).get("step", 0) for l in open(out / "metrics.jsonl") if '"loss"' in l) < 25
+    sft.main(args + ["--resume"])  # a finished run trains nothing more (no dev read is left to script)
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
