@@ -78,6 +78,7 @@ class SFTConfig:
     target_acc: float = 0.0
     dev_from: int = 2000
     dev_every: int = 250           # read every dev_every steps; within NEAR of the target, at every checkpoint
+    dev_temperature: float = 0.0   # the read's sampling temperature: 0 greedy; 1.0 the samples GRPO and Best-of-N read
     # evaluation, logging, checkpoints
     eval_questions: int = 1000     # the whole test set: on 500 the s.e. alone is ~2 points; 0 = skip evaluation
     sample_temperature: float = 1.0
@@ -272,10 +273,13 @@ def dev_read_due(cfg, step, last_read):
 
 
 def dev_accuracy(cfg, model, tok, questions, step):
-    """The policy's greedy accuracy on the dev questions, printed and logged (metrics.jsonl, "dev_greedy")."""
-    acc = accuracy(model, tok, questions)["acc"]
+    """The policy's accuracy on the dev questions at --dev_temperature (0: greedy; sampled with a fixed
+    generator, so that a read depends on the weights only), printed and logged (metrics.jsonl, "dev_greedy")."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.dev_temperature else None
+    acc = accuracy(model, tok, questions, cfg.dev_temperature, generator)["acc"]
     model.train()  # accuracy() leaves the model in eval mode
-    print(f"step {step}: greedy accuracy {acc:.1%} on {len(questions):,} questions of {cfg.dev} "
+    print(f"step {step}: accuracy {acc:.1%} at τ = {cfg.dev_temperature} on {len(questions):,} questions of {cfg.dev} "
           f"(stop at {cfg.target_acc:.1%})")
     with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, "dev_greedy": acc}) + "\n")

@@ -187,3 +187,15 @@ def test_stopping_rule_stops_at_the_first_checkpoint_that_reaches_the_target(smo
     assert max(json.loads(l).get("step", 0) for l in open(out / "metrics.jsonl") if '"loss"' in l) < 25
     sft.main(args + ["--resume"])  # a finished run trains nothing more (no dev read is left to script)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
+
+
+def test_stopping_rule_reads_samples_at_its_temperature_with_a_fixed_generator(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(sft, "accuracy", lambda model, tok, qs, temperature=0.0, generator=None:
+                        seen.append((temperature, generator.initial_seed() if generator else None)) or {"acc": 0.5})
+    model = torch.nn.Linear(1, 1)
+    cfg = sft.SFTConfig(out_dir=str(tmp_path), target_acc=0.4, dev_temperature=1.0, seed=7)
+    assert sft.dev_accuracy(cfg, model, None, [], 100) == 0.5
+    cfg.dev_temperature = 0.0
+    sft.dev_accuracy(cfg, model, None, [], 150)
+    assert seen == [(1.0, 7), (0.0, None)], "sampled reads use the run's seed; greedy reads need no generator"
