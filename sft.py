@@ -14,10 +14,10 @@ single-operation facts (the stand-in for a pretrained LLM), and the policy and e
 student start from it, so distilled data teaches reasoning rather than arithmetic from zero.
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
-by number of operations. With --target_acc the policy stops at the first checkpoint whose greedy
-accuracy on data/arith/rl_questions.jsonl reaches it (ours, checkpoint_saver), so that the policy
-of every world starts the later stages equally strong; without it (the default), a fixed budget,
-as in the paper. Other scripts call `train_policy(records, cfg)` to train a student under a fixed
+by number of operations. With --target_acc the policy stops at the first checkpoint whose accuracy
+on data/arith/rl_questions.jsonl (greedy, or sampled: --dev_temperature) reaches it (ours,
+checkpoint_saver), so that the policy of every world starts the later stages equally strong;
+without it (the default), a fixed budget, as in the paper. Other scripts call `train_policy(records, cfg)` to train a student under a fixed
 budget and `evaluate.accuracy(...)` to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
@@ -72,7 +72,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     template_frac: float = 0.25    # share of examples that are template-conditioned
     seed: int = 1337
-    # the stopping rule (ours; checkpoint_saver): stop at the first checkpoint from dev_from on whose greedy accuracy
+    # the stopping rule (ours; checkpoint_saver): stop at the first checkpoint from dev_from on whose accuracy
     # on --dev reaches target_acc, so that every world's policy starts GRPO and Best-of-N equally strong;
     # 0: train all max_steps (the paper's fixed budget)
     target_acc: float = 0.0
@@ -274,7 +274,7 @@ def dev_read_due(cfg, step, last_read):
 
 def dev_accuracy(cfg, model, tok, questions, step):
     """The policy's accuracy on the dev questions at --dev_temperature (0: greedy; sampled with a fixed
-    generator, so that a read depends on the weights only), printed and logged (metrics.jsonl, "dev_greedy")."""
+    generator, so that a read depends on the weights only), printed and logged (metrics.jsonl, "dev_acc")."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.dev_temperature else None
     acc = accuracy(model, tok, questions, cfg.dev_temperature, generator)["acc"]
@@ -282,13 +282,13 @@ def dev_accuracy(cfg, model, tok, questions, step):
     print(f"step {step}: accuracy {acc:.1%} at τ = {cfg.dev_temperature} on {len(questions):,} questions of {cfg.dev} "
           f"(stop at {cfg.target_acc:.1%})")
     with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"step": step, "dev_greedy": acc}) + "\n")
+        f.write(json.dumps({"step": step, "dev_acc": acc}) + "\n")
     return acc
 
 
 def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=0.0):
     """The ckpt_fn of training.train: the checkpoint (rank 0), the snapshot at --snapshot_step, and
-    the stopping rule (ours): returns True at the first checkpoint whose greedy accuracy on the dev
+    the stopping rule (ours): returns True at the first checkpoint whose accuracy on the dev
     questions reaches --target_acc (read when dev_read_due).
 
     Why the rule: the paper fine-tunes for a fixed budget. Our small model learns the order of

@@ -182,8 +182,8 @@ def test_stopping_rule_stops_at_the_first_checkpoint_that_reaches_the_target(smo
     sft.main(args)
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert ck["step"] == 25 and ck["reached_target"], "stopped at the first read at or above the target"
-    dev = [json.loads(l) for l in open(out / "metrics.jsonl") if "dev_greedy" in l]
-    assert [(r["step"], r["dev_greedy"]) for r in dev] == [(10, 0.2), (20, 0.45), (25, 0.6)]
+    dev = [json.loads(l) for l in open(out / "metrics.jsonl") if "dev_acc" in l]
+    assert [(r["step"], r["dev_acc"]) for r in dev] == [(10, 0.2), (20, 0.45), (25, 0.6)]
     assert max(json.loads(l).get("step", 0) for l in open(out / "metrics.jsonl") if '"loss"' in l) < 25
     sft.main(args + ["--resume"])  # a finished run trains nothing more (no dev read is left to script)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
