@@ -17,8 +17,9 @@ Evaluation: greedy (and sampled) accuracy on held-out questions through generate
 by number of operations. With --target_acc the policy stops at the first checkpoint whose accuracy
 on data/arith/rl_questions.jsonl (greedy, or sampled: --dev_temperature) reaches it (ours,
 checkpoint_saver), so that the policy of every world starts the later stages equally strong;
-without it (the default), a fixed budget, as in the paper. Other scripts call `train_policy(records, cfg)` to train a student under a fixed
-budget and `evaluate.accuracy(...)` to score it.
+without it (the default), a fixed budget, as in the paper. Other scripts call
+`train_policy(records, cfg)` to train a student under a fixed budget and `evaluate.accuracy(...)`
+to score it.
 
 `--subset=clean` reads the hidden `meta` to keep only clean records. It is a demonstration
 of how much data quality matters (an upper bound), not a method: nothing else trains on meta.
