@@ -15,7 +15,8 @@ student start from it, so distilled data teaches reasoning rather than arithmeti
 
 Evaluation: greedy (and sampled) accuracy on held-out questions through generate + verify,
 by number of operations. With --target_acc the policy stops at the first checkpoint whose accuracy
-on data/arith/rl_questions.jsonl (greedy, or sampled: --dev_temperature) reaches it (ours,
+on data/arith/rl_questions.jsonl (greedy, or sampled: --dev_temperature) reaches it, or with
+--anneal_steps decays its learning rate from there and stops when the decay ends (ours,
 checkpoint_saver), so that the policy of every world starts the later stages equally strong;
 without it (the default), a fixed budget, as in the paper. Other scripts call
 `train_policy(records, cfg)` to train a student under a fixed budget and `evaluate.accuracy(...)`
@@ -42,7 +43,8 @@ from model import GPT, GPTConfig
 from options import parse_config, check_options, require, run_main, given_options
 from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume, SHAPE_OPTIONS
 from evaluate import accuracy, format_accuracy
-from training import start_run, wrap_for_training, end_run, make_optimizer, train, lm_batch_loss, target_lengths, pack
+from training import (start_run, wrap_for_training, end_run, make_optimizer, train, lm_batch_loss, target_lengths,
+                      pack, get_lr)
 
 
 @dataclass
@@ -80,6 +82,8 @@ class SFTConfig:
     dev_from: int = 2000
     dev_every: int = 250           # read every dev_every steps; within NEAR of the target, at every checkpoint
     dev_temperature: float = 0.0   # the read's sampling temperature: 0 greedy; 1.0 the samples GRPO and Best-of-N read
+    anneal_steps: int = 0          # once the target is reached, the lr falls to min_lr over this many steps, then the
+                                   # run stops (anneal_lr); 0: it stops at the target
     # evaluation, logging, checkpoints
     eval_questions: int = 1000     # the whole test set: on 500 the s.e. alone is ~2 points; 0 = skip evaluation
     sample_temperature: float = 1.0
@@ -105,7 +109,8 @@ SMOKE = dict(max_steps=20, batch_size=8, n_layer=2, n_embd=32, n_head=2, eval_qu
 PRESETS = {"gpu": GPU, "pretrain": PRETRAIN, "smoke": SMOKE}  # applied in this order; options given explicitly win
 # the smallest value of each size (options.check_options), and the values of a choice
 AT_LEAST = dict(n_layer=1, n_head=1, n_embd=1, block_size=2, max_steps=1, batch_size=1, warmup_steps=0,
-                eval_questions=0, log_every=1, ckpt_every=1, dev_every=1, stop_at=0, snapshot_step=0)
+                eval_questions=0, log_every=1, ckpt_every=1, dev_every=1, stop_at=0, snapshot_step=0,
+                anneal_steps=0)
 CHOICES = dict(subset=("all", "clean"))
 # what a resume may change (checkpoints.check_resume): where and how often it writes, when it stops,
 # what it evaluates; every other option changes what is trained
@@ -214,6 +219,9 @@ def check_sft_options(cfg):
     require(not cfg.target_acc or cfg.dev_from >= cfg.snapshot_step,
             f"--dev_from={cfg.dev_from} must not come before --snapshot_step={cfg.snapshot_step}: a run that "
             f"stops earlier never takes its snapshot")
+    require(not cfg.anneal_steps or (cfg.target_acc and cfg.anneal_steps % cfg.ckpt_every == 0),
+            f"--anneal_steps={cfg.anneal_steps} needs --target_acc (it decays the lr once the target is reached) "
+            f"and must be a multiple of --ckpt_every={cfg.ckpt_every} (the run stops at a checkpoint)")
     check_writable(cfg.out_dir, cfg.snapshot_dir)
 
 
@@ -287,39 +295,65 @@ def dev_accuracy(cfg, model, tok, questions, step):
     return acc
 
 
-def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=0.0):
-    """The ckpt_fn of training.train: the checkpoint (rank 0), the snapshot at --snapshot_step, and
-    the stopping rule (ours): returns True at the first checkpoint whose accuracy on the dev
-    questions reaches --target_acc (read when dev_read_due).
+def anneal_lr(cfg, reached, step):
+    """The learning rate after the target is reached at step `reached` (ours): from the cosine schedule's value
+    there, linearly down to --min_lr over --anneal_steps steps (a warmup-stable-decay schedule's decay)."""
+    lr0 = get_lr(reached, cfg)
+    return lr0 + (cfg.min_lr - lr0) * min(1.0, (step - reached + 1) / cfg.anneal_steps)
+
+
+def step_from_rank0(step, device):
+    """Rank 0's step (None: none yet), on every DDP rank: the stopping rule reads on rank 0 alone."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return step
+    t = torch.tensor(float(-1 if step is None else step) if torch.distributed.get_rank() == 0 else 0.0, device=device)
+    torch.distributed.all_reduce(t)
+    return None if t < 0 else int(t)
+
+
+def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=0.0, reached=None):
+    """(ckpt_fn, lr_fn) of training.train: the checkpoint (rank 0), the snapshot at --snapshot_step, and
+    the stopping rule (ours): the first checkpoint whose accuracy on the dev questions reaches
+    --target_acc (read when dev_read_due) ends the run, or with --anneal_steps starts the lr's decay
+    (anneal_lr), and the checkpoint where the decay ends ends the run. ckpt_fn returns True to stop.
 
     Why the rule: the paper fine-tunes for a fixed budget. Our small model learns the order of
     operations late and suddenly, so after a fixed budget the policies of two worlds (or of two
     CPUs' float paths) stand far apart, and every later stage inherits its start. Stopping at an
     accuracy read on questions that nothing reports makes the start a setting instead of a draw.
+    Why the decay: a checkpoint taken mid-schedule, at a high learning rate, is a sharp greedy
+    choice over loose samples, and GRPO, Best-of-N and the PRM's backbone read the samples; the
+    decay settles it as the end of a schedule does.
     The questions are GRPO's (rl_questions.jsonl): drawn right after the test's, before any record,
     so of the test's own distribution, and never in the SFT data. (A set drawn after the records
     is not: most small questions are taken by then, and what is left is harder.)
     --target_acc=0: the paper's fixed budget."""
-    read = {"last": last_read}   # the last accuracy read, kept in the checkpoint for a resume
+    rule = {"last": last_read, "reached": reached}   # the last read and the step that reached the target
     def save(step, opt):
+        if rank == 0 and rule["reached"] is None and dev_read_due(cfg, step, rule["last"]):
+            rule["last"] = dev_accuracy(cfg, model, tok, dev_questions, step)
+            if rule["last"] >= cfg.target_acc:
+                rule["reached"] = step
+                print(f"step {step}: the target is reached" + (f"; the learning rate falls to {cfg.min_lr:g} over "
+                      f"{cfg.anneal_steps} steps" if cfg.anneal_steps else ""))
+        rule["reached"] = step_from_rank0(rule["reached"], next(model.parameters()).device)   # one lr on every rank
+        stop = rule["reached"] is not None and step >= rule["reached"] + cfg.anneal_steps
         if rank != 0:
-            return False
-        due = dev_read_due(cfg, step, read["last"])
-        if due:
-            read["last"] = dev_accuracy(cfg, model, tok, dev_questions, step)
-        stop = due and read["last"] >= cfg.target_acc
+            return stop
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"),
                         make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin,
                                         optimizer=opt.state_dict(), step=step, reached_target=stop,
-                                        dev_read=read["last"]))
+                                        dev_read=rule["last"], target_step=rule["reached"]))
         if step == cfg.snapshot_step:  # the same weights, kept: an earlier model of this very run
             save_checkpoint(os.path.join(cfg.snapshot_dir, "ckpt.pt"),
                             make_checkpoint("policy", model, tok.enc, asdict(cfg), origin=origin, step=step))
             print(f"snapshot of step {step}: {cfg.snapshot_dir}/ckpt.pt")
         if stop:
-            print(f"step {step}: the target is reached; this checkpoint is the policy")
+            print(f"step {step}: this checkpoint is the policy")
         return stop
-    return save
+    def lr_at(step):
+        return get_lr(step, cfg) if rule["reached"] is None else anneal_lr(cfg, rule["reached"], step)
+    return save, lr_at
 
 
 def evaluate_policy(model, tok, questions, cfg, device, train_s, info):
@@ -363,10 +397,10 @@ def main(argv=None):
     if resumed and resumed.get("reached_target"):
         info = {"tokens": 0, "loss": float("nan"), "steps": start_step}   # a finished run: nothing to train
     else:
+        save, lr_at = checkpoint_saver(cfg, model, tok, origin, rank, dev_questions,
+                                       (resumed or {}).get("dev_read", 0.0), (resumed or {}).get("target_step"))
         info = train(wrap_for_training(model, cfg.compile, world), lm_batch_loss(X, Y, device, world),
-                     target_lengths(Y), cfg, device, rank, world,
-                     ckpt_fn=checkpoint_saver(cfg, model, tok, origin, rank, dev_questions,
-                                              (resumed or {}).get("dev_read", 0.0)),
+                     target_lengths(Y), cfg, device, rank, world, ckpt_fn=save, lr_fn=lr_at,
                      start_step=start_step, optimizer=optimizer,
                      metrics_path=os.path.join(cfg.out_dir, "metrics.jsonl"), stop_at=cfg.stop_at)
     train_s = time.time() - t0

@@ -180,7 +180,7 @@ def lm_batch_loss(X, Y, device, world=1):
 
 
 def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, ckpt_fn=None,
-          start_step=0, optimizer=None, metrics_path=None, stop_at=0):
+          start_step=0, optimizer=None, metrics_path=None, stop_at=0, lr_fn=None):
     """The training loop: cosine LR, grad clip, one log line per `log_every` steps, checkpoints.
 
     batch_loss(model, idx) -> (loss, targets in the global batch) for example indices idx;
@@ -188,7 +188,8 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     loss or gradient stops the run, naming the step, before anything else is logged or saved:
     the last checkpoint on disk stays the last good one. A resumed run (start_step > 0) first
     drops the metrics rows of the steps it will log again. ckpt_fn(step, optimizer) saves; when it
-    returns True (sft.py's stopping rule) the run ends at that step.
+    returns True (sft.py's stopping rule) the run ends at that step. lr_fn(step), when given, is the
+    learning rate instead of get_lr's (sft.py's decay after its target).
     Returns {"tokens": targets seen, "loss": last logged loss, "steps": the step it ended at}.
     """
     if metrics_path and rank == 0 and start_step > 0:
@@ -203,7 +204,7 @@ def train(model, batch_loss, lengths, cfg, device, rank=0, world=1, log=print, c
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     last_step = min(stop_at or cfg.max_steps, cfg.max_steps)  # stop_at pauses a run, schedule unchanged
     for step in range(start_step, last_step):
-        lr = get_lr(step, cfg)
+        lr = lr_fn(step) if lr_fn else get_lr(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = batch_indices(step, order, cfg.batch_size, cfg.seed, rank, world)

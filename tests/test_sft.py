@@ -102,6 +102,8 @@ def test_bad_inputs_are_refused_clearly(smoke_data, smoke_base, tmp_path):
     assert proc.returncode != 0 and "--snapshot_step=5" in proc.stderr and "ckpt_every" in proc.stderr
     proc = run_script("sft.py", "--smoke", "--target_acc=70", check=False)
     assert proc.returncode != 0 and "--target_acc=70" in proc.stderr
+    proc = run_script("sft.py", "--smoke", "--anneal_steps=50", check=False)   # no target to decay after
+    assert proc.returncode != 0 and "--anneal_steps=50 needs --target_acc" in proc.stderr
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(smoke_data, smoke_base, tmp_path):
@@ -187,6 +189,33 @@ def test_stopping_rule_stops_at_the_first_checkpoint_that_reaches_the_target(smo
     assert max(json.loads(l).get("step", 0) for l in open(out / "metrics.jsonl") if '"loss"' in l) < 25
     sft.main(args + ["--resume"])  # a finished run trains nothing more (no dev read is left to script)
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 25
+
+
+def test_after_the_target_the_lr_decays_to_min_lr_and_a_paused_decay_resumes_to_the_same_model(
+        smoke_data, smoke_base, tmp_path, monkeypatch):
+    # reads at steps 10 (0.2) and 20 (0.6 >= 0.5): the lr then falls linearly to min_lr over 10 steps,
+    # and the run stops at step 30; a run paused at step 25, mid-decay, resumes to the same weights
+    args = ["--smoke", f"--init={smoke_base}", "--eval_questions=0", "--ckpt_every=5", "--dev_from=10",
+            "--dev_every=10", "--max_steps=60", "--log_every=1", "--target_acc=0.5", "--anneal_steps=10",
+            f"--dev={smoke_data}/test.jsonl", *data_args(smoke_data)]
+    runs = {}
+    for name, extra in (("full", []), ("paused", ["--stop_at=25"])):
+        reads = iter([0.2, 0.6])
+        monkeypatch.setattr(sft, "accuracy", lambda *a, **k: {"acc": next(reads), "by_ops": {}, "n": 1})
+        sft.main(args + [f"--out_dir={tmp_path / name}"] + extra)
+        runs[name] = tmp_path / name
+    sft.main(args + [f"--out_dir={runs['paused']}", "--resume"])   # no read is left: none may happen
+    full = torch.load(runs["full"] / "ckpt.pt", weights_only=True)
+    assert full["step"] == 30 and full["reached_target"] and full["target_step"] == 20
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, open(runs["full"] / "metrics.jsonl")) if "lr" in r}
+    cfg = sft.SFTConfig(max_steps=60, warmup_steps=5)   # the smoke preset's schedule
+    assert max(lrs) == 29 and lrs[19] == pytest.approx(training.get_lr(19, cfg))
+    assert lrs[29] == pytest.approx(cfg.min_lr) and lrs[24] == pytest.approx((training.get_lr(20, cfg) + cfg.min_lr) / 2)
+    assert all(lrs[s] > lrs[s + 1] for s in range(20, 29)), "the decay falls at every step"
+    resumed = torch.load(runs["paused"] / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == 30 and resumed["reached_target"]
+    for k in full["model"]:
+        assert torch.allclose(full["model"][k], resumed["model"][k], atol=1e-6), k
 
 
 def test_stopping_rule_reads_samples_at_its_temperature_with_a_fixed_generator(tmp_path, monkeypatch):
