@@ -44,7 +44,7 @@ from options import parse_config, check_options, require, run_main, given_option
 from checkpoints import load_checkpoint, model_from_checkpoint, make_checkpoint, check_resume, SHAPE_OPTIONS
 from evaluate import accuracy, format_accuracy
 from training import (start_run, wrap_for_training, end_run, make_optimizer, train, lm_batch_loss, target_lengths,
-                      pack, get_lr)
+                      pack, get_lr, all_reduce_sum)
 
 
 @dataclass
@@ -302,13 +302,10 @@ def anneal_lr(cfg, reached, step):
     return lr0 + (cfg.min_lr - lr0) * min(1.0, (step - reached + 1) / cfg.anneal_steps)
 
 
-def step_from_rank0(step, device):
+def step_from_rank0(step, rank, device):
     """Rank 0's step (None: none yet), on every DDP rank: the stopping rule reads on rank 0 alone."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return step
-    t = torch.tensor(float(-1 if step is None else step) if torch.distributed.get_rank() == 0 else 0.0, device=device)
-    torch.distributed.all_reduce(t)
-    return None if t < 0 else int(t)
+    theirs = all_reduce_sum(torch.tensor(float(-1 if step is None else step) if rank == 0 else 0.0, device=device))
+    return None if theirs < 0 else int(theirs)
 
 
 def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=0.0, reached=None):
@@ -336,7 +333,7 @@ def checkpoint_saver(cfg, model, tok, origin, rank, dev_questions=(), last_read=
                 rule["reached"] = step
                 print(f"step {step}: the target is reached" + (f"; the learning rate falls to {cfg.min_lr:g} over "
                       f"{cfg.anneal_steps} steps" if cfg.anneal_steps else ""))
-        rule["reached"] = step_from_rank0(rule["reached"], next(model.parameters()).device)   # one lr on every rank
+        rule["reached"] = step_from_rank0(rule["reached"], rank, next(model.parameters()).device)   # one lr on every rank
         stop = rule["reached"] is not None and step >= rule["reached"] + cfg.anneal_steps
         if rank != 0:
             return stop
